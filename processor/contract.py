@@ -1,0 +1,274 @@
+"""The wire contract: request and reply messages (JSON, UTF-8), decoded and encoded once.
+
+Schema evolution follows msgspec's rules: a new field always gets a default, a field is
+never retyped, and ``schemas/`` is regenerated from these structs (a test fails on drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+import msgspec
+from msgspec import Meta, Struct
+
+from processor.errors import Fault, InvalidArgument
+
+__all__ = [
+    "BEHAVIORS",
+    "Behavior",
+    "DeadLetter",
+    "DeadLetterHeader",
+    "DeleteRequest",
+    "FaultDetail",
+    "RelatedEntity",
+    "RelatedVersion",
+    "Reply",
+    "Request",
+    "RetrieveRequest",
+    "UpdateRequest",
+    "behavior_name",
+    "decode_request",
+    "encode_reply",
+    "fault_detail",
+    "request_fingerprint",
+    "salvage",
+]
+
+RequestId: TypeAlias = Annotated[
+    str, Meta(min_length=1, max_length=128, description="Idempotency key and correlation id.")
+]
+EntityName: TypeAlias = Annotated[
+    str, Meta(min_length=1, max_length=63, description="The entity's logical name.")
+]
+RecordId: TypeAlias = Annotated[
+    str | int, Meta(description="Primary key value: string or integer per the entity's key.")
+]
+RowVersion: TypeAlias = Annotated[
+    str, Meta(max_length=40, description="Opaque version token from a reply or retrieve.")
+]
+TopicName: TypeAlias = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+Attributes: TypeAlias = Annotated[
+    dict[Annotated[str, Meta(max_length=63)], Any],
+    Meta(description="Column name -> JSON value.", max_length=1000),
+]
+Behavior: TypeAlias = Literal["Default", "IfRowVersionMatches", "AlwaysOverwrite"]
+BehaviorWire: TypeAlias = Annotated[
+    Literal["Default", "IfRowVersionMatches", "AlwaysOverwrite", 0, 1, 2],
+    Meta(description="ConcurrencyBehavior by name, or Dataverse's numbers 0, 1, 2."),
+]
+
+BEHAVIORS: Final[tuple[Behavior, ...]] = ("Default", "IfRowVersionMatches", "AlwaysOverwrite")
+
+
+def behavior_name(value: str | int) -> Behavior:
+    """Normalise a wire behaviour (name or 0/1/2) to its name."""
+    if isinstance(value, int):
+        return BEHAVIORS[value]
+    assert value in BEHAVIORS
+    return value
+
+
+class RelatedEntity(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A related row updated in the same transaction, checked with its own version."""
+
+    entity: EntityName
+    id: RecordId
+    attributes: Annotated[Attributes, Meta(min_length=1)]
+    row_version: RowVersion | None = None
+
+
+class _RequestBase(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    request_id: RequestId
+    entity: EntityName
+    id: RecordId
+    row_version: RowVersion | None = None
+    concurrency_behavior: BehaviorWire = "Default"
+    expires_at: Annotated[datetime, Meta(tz=True)] | None = None
+    reply_to: TopicName | None = None
+
+    @property
+    def behavior(self) -> Behavior:
+        return behavior_name(self.concurrency_behavior)
+
+
+class UpdateRequest(_RequestBase, frozen=True, tag="update"):
+    """Update the row's attributes (never creates it); ``related`` rows in the same txn."""
+
+    attributes: Annotated[Attributes, Meta(min_length=1)]
+    related: Annotated[list[RelatedEntity], Meta(max_length=100)] = []
+
+
+class DeleteRequest(_RequestBase, frozen=True, tag="delete"):
+    """Delete the row."""
+
+
+class RetrieveRequest(_RequestBase, frozen=True, tag="retrieve"):
+    """Return the row's attributes and its current version token."""
+
+
+Request: TypeAlias = UpdateRequest | DeleteRequest | RetrieveRequest
+
+
+class FaultDetail(Struct, frozen=True, omit_defaults=True, kw_only=True):
+    code: int
+    name: str
+    message: str
+    retryable: bool
+    expected_version: str | None = None
+    current_version: str | None = None
+    path: str | None = None
+
+
+class RelatedVersion(Struct, frozen=True, kw_only=True):
+    """A related row's new version after a successful update."""
+
+    entity: str
+    id: str | int
+    row_version: str
+
+
+class Reply(Struct, frozen=True, kw_only=True):
+    """The one reply every request gets, success or fault."""
+
+    request_id: str
+    type: Literal["update", "delete", "retrieve"] | None
+    entity: str | None
+    id: str | int | None
+    status: Literal["success", "fault"]
+    processed_at: datetime
+    row_version: str | None = None
+    behavior_applied: Behavior | None = None
+    attributes: dict[str, Any] | None = None
+    related: list[RelatedVersion] | None = None
+    fault: FaultDetail | None = None
+
+
+class DeadLetterHeader(Struct, frozen=True):
+    key: str
+    value: str | None  # base64 of the header's bytes
+
+
+class DeadLetter(Struct, frozen=True, kw_only=True):
+    """The dead-letter record's value: the original message, bounded, and why it failed.
+
+    The record's Kafka key and headers are the original ones too, so a consumer of the
+    dead-letter topic can route it without decoding this.
+    """
+
+    error: str
+    fault_code: int | None
+    request_id: str | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: str | None  # base64 of the original key
+    headers: list[DeadLetterHeader]
+    value_prefix: str | None  # base64 of at most the first 4096 bytes of the value
+    value_length: int
+    value_sha256: str | None
+    dead_lettered_at: datetime
+
+
+def fault_detail(fault: Fault) -> FaultDetail:
+    return FaultDetail(
+        code=fault.code,
+        name=fault.name,
+        message=fault.message,
+        retryable=fault.retryable,
+        expected_version=fault.expected_version,
+        current_version=fault.current_version,
+        path=fault.path,
+    )
+
+
+_request_decoder: Final = msgspec.json.Decoder(Request)
+_encoder: Final = msgspec.json.Encoder(order="deterministic")
+
+
+_PATH_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode one request; any defect raises :class:`InvalidArgument` naming the path."""
+    try:
+        request: Request = _request_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH_RE.search(text)
+        fault = InvalidArgument(f"invalid request: {text}")
+        if match and match["path"]:
+            fault.path = match["path"]
+        raise fault from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    return request
+
+
+class Salvage(Struct, frozen=True):
+    """What can be read from a request that did not decode, to address its fault reply."""
+
+    request_id: str | None = None
+    reply_to: str | None = None
+    type: str | None = None
+    entity: str | None = None
+    id: str | int | None = None
+
+
+class _Loose(Struct):
+    request_id: Any = None
+    reply_to: Any = None
+    type: Any = None
+    entity: Any = None
+    id: Any = None
+
+
+_loose_decoder: Final = msgspec.json.Decoder(_Loose)
+_TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def salvage(data: bytes) -> Salvage:
+    """Read request_id, reply_to and the target from a message that failed to decode.
+
+    Each field is kept only if it is well formed, so a fault reply never goes to a
+    topic or carries an id that the contract would have rejected.
+    """
+    try:
+        loose = _loose_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Salvage()
+
+    def text(value: Any, limit: int) -> str | None:
+        return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+    reply_to = text(loose.reply_to, 249)
+    record_id = loose.id
+    if (
+        isinstance(record_id, bool)
+        or not isinstance(record_id, str | int)
+        or (isinstance(record_id, str) and len(record_id) > 256)
+    ):
+        record_id = None
+    return Salvage(
+        request_id=text(loose.request_id, 128),
+        reply_to=reply_to if reply_to and _TOPIC_RE.fullmatch(reply_to) else None,
+        type=loose.type if loose.type in ("update", "delete", "retrieve") else None,
+        entity=text(loose.entity, 63),
+        id=record_id,
+    )
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return _encoder.encode(reply)
+
+
+def request_fingerprint(request: Request) -> bytes:
+    """SHA-256 of the request's canonical form: equal for the same logical request.
+
+    Key order and the spelling of the behaviour (``1`` or ``"IfRowVersionMatches"``)
+    do not change it; any other difference in content does.
+    """
+    canonical = msgspec.structs.replace(request, concurrency_behavior=request.behavior)
+    return hashlib.sha256(_encoder.encode(canonical)).digest()
