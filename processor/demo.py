@@ -1,0 +1,298 @@
+"""``processor demo``: the product end to end on whatever stack the settings point at.
+
+Creates the demo tables (``ops/demo/schema.sql``) and registry (``ops/demo/entities.toml``),
+the ledger and the topics; starts a worker in this process; sends a mix of requests (every
+success and fault kind, a malformed message, a resend, a conflicting race) and prints
+the replies as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+from aiokafka import TopicPartition
+
+from processor import kafka
+from processor.config import Settings
+from processor.contract import Reply
+from processor.errors import ConfigError
+from processor.ledger import Ledger
+
+__all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "ops" / "demo" / "entities.toml"
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+async def install_demo(settings: Settings) -> Path:
+    """Create the demo tables, the ledger and the topics; return the registry path."""
+    settings.require("database_url", "kafka_bootstrap_servers")
+    assert settings.database_url is not None
+    assert settings.kafka_bootstrap_servers is not None
+    registry = settings.entities or DEFAULT_REGISTRY
+    schema_sql = registry.parent / "schema.sql"
+    if not registry.is_file() or not schema_sql.is_file():
+        raise ConfigError(f"demo files not found next to {registry} (entities.toml, schema.sql)")
+    conn = await asyncpg.connect(settings.database_url, timeout=30)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('processor-demo'))")
+            await conn.execute(schema_sql.read_text(encoding="utf-8"))
+        await Ledger(settings.ledger_schema).migrate(conn)
+    finally:
+        await conn.close()
+    await kafka.ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [settings.request_topic, settings.reply_topic, settings.dlq_topic],
+        partitions=settings.partitions,
+    )
+    return registry
+
+
+def _requests(run: str, versions: dict[str, str]) -> list[tuple[str, dict[str, Any] | bytes]]:
+    """(what it shows, request) pairs; request ids are unique per demo run."""
+
+    def rid(name: str) -> str:
+        return f"demo-{run}-{name}"
+
+    acct, item = versions["account"], versions["item"]
+    return [
+        (
+            "retrieve a row and its version",
+            {"type": "retrieve", "request_id": rid("retrieve"), "entity": "account", "id": 1},
+        ),
+        (
+            "update, Default (= AlwaysOverwrite for account)",
+            {
+                "type": "update",
+                "request_id": rid("overwrite"),
+                "entity": "account",
+                "id": 2,
+                "attributes": {"balance": 150},
+            },
+        ),
+        (
+            "update IfRowVersionMatches with the current version",
+            {
+                "type": "update",
+                "request_id": rid("match"),
+                "entity": "account",
+                "id": 1,
+                "concurrency_behavior": "IfRowVersionMatches",
+                "row_version": acct,
+                "attributes": {"name": "renamed"},
+            },
+        ),
+        (
+            "the same version again: it is stale now",
+            {
+                "type": "update",
+                "request_id": rid("stale"),
+                "entity": "account",
+                "id": 1,
+                "concurrency_behavior": 1,
+                "row_version": acct,
+                "attributes": {"name": "lost"},
+            },
+        ),
+        (
+            "IfRowVersionMatches without a version",
+            {
+                "type": "delete",
+                "request_id": rid("noversion"),
+                "entity": "account",
+                "id": 3,
+                "concurrency_behavior": "IfRowVersionMatches",
+            },
+        ),
+        (
+            "IfRowVersionMatches on an entity without it",
+            {
+                "type": "update",
+                "request_id": rid("notenabled"),
+                "entity": "note",
+                "id": 1,
+                "concurrency_behavior": "IfRowVersionMatches",
+                "row_version": "1",
+                "attributes": {"body": "x"},
+            },
+        ),
+        (
+            "update of a missing row (never creates it)",
+            {
+                "type": "update",
+                "request_id": rid("missing"),
+                "entity": "account",
+                "id": 999999,
+                "attributes": {"name": "ghost"},
+            },
+        ),
+        (
+            "race: two updates with the same version (item defaults to IfRowVersionMatches)",
+            {
+                "type": "update",
+                "request_id": rid("race-a"),
+                "entity": "item",
+                "id": "widget",
+                "row_version": item,
+                "attributes": {"qty": 9},
+            },
+        ),
+        (
+            "race: the loser",
+            {
+                "type": "update",
+                "request_id": rid("race-b"),
+                "entity": "item",
+                "id": "widget",
+                "row_version": item,
+                "attributes": {"qty": 8},
+            },
+        ),
+        (
+            "related rows in one transaction",
+            {
+                "type": "update",
+                "request_id": rid("related"),
+                "entity": "account",
+                "id": 4,
+                "attributes": {"balance": 90},
+                "related": [{"entity": "account", "id": 5, "attributes": {"balance": 110}}],
+            },
+        ),
+        (
+            "a value the table rejects (CHECK balance >= 0)",
+            {
+                "type": "update",
+                "request_id": rid("negative"),
+                "entity": "account",
+                "id": 6,
+                "attributes": {"balance": -1},
+            },
+        ),
+        (
+            "unknown entity",
+            {"type": "delete", "request_id": rid("noentity"), "entity": "invoice", "id": 1},
+        ),
+        (
+            "unknown attribute",
+            {
+                "type": "update",
+                "request_id": rid("noattr"),
+                "entity": "account",
+                "id": 1,
+                "attributes": {"owner": "x"},
+            },
+        ),
+        (
+            "malformed request (id of the wrong type)",
+            b'{"type":"update","request_id":"'
+            + rid("malformed").encode()
+            + b'","entity":"account","id":1.5,"attributes":{"name":"x"}}',
+        ),
+        ("delete", {"type": "delete", "request_id": rid("delete"), "entity": "account", "id": 7}),
+        (
+            "a resend of the first update: the stored reply, nothing applied again",
+            {
+                "type": "update",
+                "request_id": rid("overwrite"),
+                "entity": "account",
+                "id": 2,
+                "attributes": {"balance": 150},
+            },
+        ),
+    ]
+
+
+async def run_demo(settings: Settings) -> int:
+    from processor.service import serve
+
+    registry = await install_demo(settings)
+    settings = Settings(**{**_fields(settings), "entities": registry})
+    assert settings.database_url is not None
+    assert settings.kafka_bootstrap_servers is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        versions = {
+            "account": await conn.fetchval("SELECT xmin::text FROM demo.account WHERE id = 1"),
+            "item": await conn.fetchval("SELECT version::text FROM demo.item WHERE sku = 'widget'"),
+        }
+    finally:
+        await conn.close()
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(settings, stop), name="demo-worker")
+    replies = kafka.make_consumer(settings.kafka_bootstrap_servers, group_id=None)
+    producer = kafka.make_producer(settings.kafka_bootstrap_servers)
+    try:
+        await replies.start()
+        await producer.start()
+        parts = await producer.partitions_for(settings.reply_topic)
+        tps = [TopicPartition(settings.reply_topic, p) for p in sorted(parts)]
+        replies.assign(tps)
+        await replies.seek_to_end(*tps)
+        run = uuid.uuid4().hex[:8]
+        plan = _requests(run, versions)
+        what: dict[str, str] = {}
+        print(f"sending {len(plan)} requests to {settings.request_topic!r} ...\n")
+        for label, request in plan:
+            if isinstance(request, bytes):
+                value, key = request, b"account:1"
+                rid = f"demo-{run}-malformed"
+            else:
+                value = msgspec.json.encode(request)
+                key = f"{request['entity']}:{request['id']}".encode()
+                rid = str(request["request_id"])
+            what.setdefault(rid, label)
+            await producer.send_and_wait(
+                settings.request_topic, value, key=key, headers=[("request_id", rid.encode())]
+            )
+        expected = len(plan)
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < expected and time.monotonic() < deadline:
+            batch = await replies.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    reply = _reply_decoder.decode(record.value)
+                    if not reply.request_id.startswith(f"demo-{run}-"):
+                        continue
+                    seen += 1
+                    print(_describe(what.get(reply.request_id, "?"), reply))
+        print(f"\n{seen}/{expected} replies received")
+        return 0 if seen == expected else 1
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        with contextlib.suppress(Exception):
+            await replies.stop()
+        await worker
+
+
+def _fields(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+
+
+def _describe(label: str, reply: Reply) -> str:
+    head = f"- {label}\n    {reply.request_id}: {reply.status}"
+    if reply.fault is not None:
+        f = reply.fault
+        extra = ""
+        if f.expected_version is not None:
+            extra = f" (expected {f.expected_version}, current {f.current_version})"
+        path = f" at {f.path}" if f.path else ""
+        return f"{head} {f.name} {f.code}{path}{extra}: {f.message}"
+    detail = f" row_version={reply.row_version}"
+    if reply.behavior_applied:
+        detail += f" behavior={reply.behavior_applied}"
+    if reply.attributes is not None:
+        detail += f" attributes={msgspec.json.encode(reply.attributes).decode()}"
+    return head + detail

@@ -1,0 +1,463 @@
+"""The worker: consume requests, apply them, publish replies: one visible reply each.
+
+Per poll (``getmany``), for the partitions this worker owns:
+
+1. records are decoded (:mod:`processor.intake`); bad ones become fault replies and
+   dead letters without touching the database;
+2. the good ones are split into *lanes* by a hash of their Kafka key, and the lanes run
+   concurrently, each one database transaction on its own connection (the engine). A key
+   always maps to the same lane, so its requests apply in offset order and its writes
+   never run on two connections at once;
+3. per input partition, its replies, dead letters and next offset are committed in one
+   Kafka transaction by that partition's own transactional producer
+   (``<group>-<topic>-<partition>``). A new owner of the partition starts a producer with
+   the same id, which fences a zombie and aborts its open transaction before the new
+   owner reads the committed offset.
+
+If the worker dies after the database commit and before the Kafka commit, the Kafka
+transaction is aborted and the records are read again; the ledger then returns the
+stored replies without applying anything, so consumers reading ``read_committed`` see
+exactly one reply per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from processor import kafka
+from processor.config import Settings
+from processor.engine import Engine, Envelope, Outcome
+from processor.errors import InvalidArgument, TransientError
+from processor.intake import (
+    Message,
+    OutRecord,
+    Rejected,
+    admit,
+    outcome_records,
+    reject,
+    rejected_records,
+)
+from processor.log import get_logger
+from processor.metrics import Metrics
+
+__all__ = ["Worker"]
+
+log = get_logger("processor.worker")
+
+#: How long a partition's Kafka commit is retried before the batch is left to be redone.
+COMMIT_RETRY_SECONDS = 60.0
+
+
+def _backoff(attempt: int, cap: float = 5.0) -> float:
+    return float(min(cap, 0.05 * 2**attempt) * (0.5 + random.random()))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Waits for the batch in flight: its partitions commit before they are handed over.
+        async with self._worker.batch_lock:
+            await asyncio.gather(*(self._worker.close_producer(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._worker.take_partitions(assigned)
+
+
+class Worker:
+    """One member of the consumer group. ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, pool: asyncpg.Pool, metrics: Metrics
+    ) -> None:
+        settings.require("kafka_bootstrap_servers")
+        self.settings = settings
+        self.engine = engine
+        self.pool = pool
+        self.metrics = metrics
+        self.batch_lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._opening: dict[TopicPartition, asyncio.Task[AIOKafkaProducer]] = {}
+        # Assigned partitions whose fetch position is not yet checked against the
+        # committed offset read *after* their producer fenced the previous owner.
+        self._unverified: set[TopicPartition] = set()
+        self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
+        self._topics_checked_at = 0.0
+        self._last_poll = 0.0
+        self.batches = 0
+
+    @property
+    def bootstrap(self) -> str:
+        assert self.settings.kafka_bootstrap_servers is not None
+        return self.settings.kafka_bootstrap_servers
+
+    def ready(self) -> bool:
+        return self.consumer is not None and time.monotonic() - self._last_poll < 60
+
+    # -- partitions and their producers --------------------------------------------------
+
+    async def take_partitions(self, assigned: Sequence[TopicPartition]) -> None:
+        self._unverified.update(assigned)
+        await asyncio.gather(
+            *(self._ensure_producer(tp) for tp in assigned), return_exceptions=True
+        )
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def _ensure_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's producer; started once even when asked for concurrently."""
+        producer = self._producers.get(tp)
+        if producer is not None:
+            return producer
+        opening = self._opening.get(tp)
+        if opening is None:
+            opening = asyncio.create_task(self._open_producer(tp), name=f"producer-{tp}")
+            self._opening[tp] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(tp, None))
+        return await asyncio.shield(opening)
+
+    async def _open_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        attempt = 0
+        while True:
+            producer = kafka.make_producer(
+                self.bootstrap,
+                txn_id=kafka.transactional_id(self.settings.group_id, tp.topic, tp.partition),
+            )
+            try:
+                # Starting it runs InitProducerId: the broker fences any older producer with
+                # this id (a zombie) and finishes or aborts its open transaction.
+                await asyncio.wait_for(producer.start(), kafka.CALL_TIMEOUT)
+                break
+            except (KafkaError, TimeoutError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), 5)
+                if attempt >= 5:
+                    raise TransientError(f"cannot start producer for {tp}: {exc!r}") from exc
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+        self._producers[tp] = producer
+        self.metrics.assigned.set(len(self._producers))
+        return producer
+
+    async def close_producer(self, tp: TopicPartition) -> None:
+        self._unverified.discard(tp)
+        opening = self._opening.get(tp)
+        if opening is not None:
+            with contextlib.suppress(Exception):
+                await opening
+        producer = self._producers.pop(tp, None)
+        self.metrics.assigned.set(len(self._producers))
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 10)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = kafka.make_consumer(self.bootstrap, self.settings.group_id)
+        self.consumer = consumer
+        consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
+        await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+        log.info("worker started", group=self.settings.group_id, topic=self.settings.request_topic)
+        try:
+            while not stop.is_set():
+                self._last_poll = time.monotonic()
+                try:
+                    fetched = await consumer.getmany(
+                        timeout_ms=200, max_records=self.settings.max_batch
+                    )
+                except KafkaError as exc:
+                    log.warning("fetch failed", error=repr(exc))
+                    await asyncio.sleep(1)
+                    continue
+                if not fetched:
+                    continue
+                async with self.batch_lock:
+                    await self._handle(fetched)
+        finally:
+            log.info("worker stopping")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), kafka.CALL_TIMEOUT)
+            for tp in list(self._producers):
+                await self.close_producer(tp)
+            self.consumer = None
+            log.info("worker stopped")
+
+    async def _owned(
+        self, fetched: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The fetched records this worker may process now; the rest are read again later."""
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        owned = {}
+        for tp, records in fetched.items():
+            if not records or tp not in assignment:
+                continue  # revoked meanwhile: the new owner reads them
+            try:
+                await self._ensure_producer(tp)
+            except TransientError as exc:
+                log.warning("no producer; will read again", partition=tp.partition, error=str(exc))
+                self.consumer.seek(tp, records[0].offset)
+                continue
+            if tp in self._unverified:
+                self._unverified.discard(tp)
+                committed = await self.consumer.committed(tp)
+                if committed is not None and committed != records[0].offset:
+                    # Fetched from an offset read before the fencing: start over from the
+                    # stable one, or a zombie's last commit would be processed twice.
+                    self.consumer.seek(tp, committed)
+                    continue
+            owned[tp] = records
+        return owned
+
+    async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        now = datetime.now(UTC)
+        owned = await self._owned(fetched)
+        total = sum(len(r) for r in owned.values())
+        if not total:
+            return
+        self.metrics.in_flight.set(total)
+        self.metrics.batch_size.observe(total)
+        admitted: list[tuple[Message, Envelope | Rejected]] = []
+        for records in owned.values():
+            admitted.extend(
+                (r, admit(r, max_bytes=self.settings.max_message_bytes, now=now)) for r in records
+            )
+        admitted = await self._check_reply_topics(admitted, now)
+
+        lanes: list[list[tuple[Message, Envelope]]] = [[] for _ in range(self.settings.lanes)]
+        for message, item in admitted:
+            if isinstance(item, Envelope):
+                key = message.key or f"{item.request.entity}:{item.request.id}".encode()
+                lanes[zlib.crc32(key) % len(lanes)].append((message, item))
+        results = await asyncio.gather(*(self._run_lane(lane) for lane in lanes if lane))
+        outcomes: dict[tuple[int, int], Outcome] = {}
+        for lane_result in results:
+            outcomes.update(lane_result)
+
+        out: dict[TopicPartition, list[OutRecord]] = defaultdict(list)
+        settings = self.settings
+        for message, item in admitted:
+            tp = TopicPartition(message.topic, message.partition)
+            if isinstance(item, Rejected):
+                out[tp].extend(
+                    rejected_records(
+                        item,
+                        reply_topic=settings.reply_topic,
+                        dlq_topic=settings.dlq_topic,
+                        now=now,
+                    )
+                )
+                self._count(item.reply.type if item.reply else None, "fault", item.fault.code)
+                self.metrics.dead_letters.inc()
+                log.warning(
+                    "dead letter",
+                    partition=message.partition,
+                    offset=message.offset,
+                    request_id=item.request_id,
+                    error=item.fault.message[:200],
+                )
+                continue
+            outcome = outcomes[(message.partition, message.offset)]
+            out[tp].extend(
+                outcome_records(
+                    item,
+                    message,
+                    outcome,
+                    reply_topic=settings.reply_topic,
+                    dlq_topic=settings.dlq_topic,
+                    now=now,
+                )
+            )
+            reply = outcome.reply
+            self._count(reply.type, reply.status, reply.fault.code if reply.fault else None)
+            if outcome.replayed:
+                self.metrics.replayed.inc()
+            if outcome.dead_letter:
+                self.metrics.dead_letters.inc()
+            if reply.fault is not None:
+                log.info(
+                    "fault",
+                    request_id=reply.request_id,
+                    entity=reply.entity,
+                    partition=message.partition,
+                    offset=message.offset,
+                    code=reply.fault.code,
+                )
+
+        await asyncio.gather(
+            *(self._commit_partition(tp, out[tp], recs) for tp, recs in owned.items())
+        )
+        done = time.time()
+        for records in owned.values():
+            for r in records:
+                self.metrics.latency.observe(max(0.0, done - r.timestamp / 1000))
+        if self.consumer is not None:
+            for tp, records in owned.items():
+                high = self.consumer.highwater(tp)
+                if high is not None:
+                    self.metrics.lag.labels(str(tp.partition)).set(high - records[-1].offset - 1)
+        self.metrics.in_flight.set(0)
+        self.batches += 1
+        log.debug("batch committed", records=total, partitions=sorted(tp.partition for tp in owned))
+
+    def _count(self, type_: str | None, status: str, code: int | None) -> None:
+        self.metrics.requests.labels(type_ or "unknown", status, str(code or "")).inc()
+
+    async def _check_reply_topics(
+        self, admitted: list[tuple[Message, Envelope | Rejected]], now: datetime
+    ) -> list[tuple[Message, Envelope | Rejected]]:
+        """A reply_to naming a topic that does not exist is bad input, not a stuck batch."""
+        wanted = {
+            item.request.reply_to
+            for _, item in admitted
+            if isinstance(item, Envelope) and item.request.reply_to
+        } | {item.reply_to for _, item in admitted if isinstance(item, Rejected) and item.reply_to}
+        if not wanted - self._known_topics:
+            return admitted
+        if time.monotonic() - self._topics_checked_at > 1.0:
+            await self._refresh_topics()
+        checked: list[tuple[Message, Envelope | Rejected]] = []
+        for message, item in admitted:
+            if isinstance(item, Envelope):
+                topic = item.request.reply_to
+                if topic and topic not in self._known_topics:
+                    fault = InvalidArgument(f"reply_to topic {topic!r} does not exist")
+                    fault.path = "reply_to"
+                    item = reject(item, message, fault, now)
+            elif item.reply_to and item.reply_to not in self._known_topics:
+                item = Rejected(item.message, item.fault, item.request_id, None, item.reply)
+            checked.append((message, item))
+        return checked
+
+    async def _refresh_topics(self) -> None:
+        admin = kafka.admin_client(self.bootstrap)
+        try:
+            await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
+            topics = await asyncio.wait_for(admin.list_topics(), kafka.CALL_TIMEOUT)
+            self._known_topics |= set(topics)
+            self._topics_checked_at = time.monotonic()
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("cannot list topics", error=repr(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    # -- the database side ----------------------------------------------------------------
+
+    async def _run_lane(
+        self, lane: list[tuple[Message, Envelope]]
+    ) -> dict[tuple[int, int], Outcome]:
+        envelopes = [env for _, env in lane]
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire(timeout=10) as conn:
+                    outcomes = await self.engine.process(conn, envelopes)
+                break
+            except (TransientError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+                self.metrics.retries.labels("database").inc()
+                log.warning("database retry", attempt=attempt, error=repr(exc)[:300])
+                await self.pool.expire_connections()
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+            except Exception as exc:
+                log.exception("engine failed on a batch; isolating", error=repr(exc)[:300])
+                outcomes = await self._isolate(envelopes)
+                break
+        return {(m.partition, m.offset): o for (m, _), o in zip(lane, outcomes, strict=True)}
+
+    async def _isolate(self, envelopes: list[Envelope]) -> list[Outcome]:
+        """One request at a time, so a request that trips a bug faults alone."""
+        results: list[Outcome] = []
+        for env in envelopes:
+            attempt = 0
+            while True:
+                try:
+                    async with self.pool.acquire(timeout=10) as conn:
+                        results.extend(await self.engine.process(conn, [env]))
+                    break
+                except (TransientError, OSError, TimeoutError, asyncpg.InterfaceError):
+                    await self.pool.expire_connections()
+                    await asyncio.sleep(_backoff(attempt))
+                    attempt += 1
+                except Exception as exc:
+                    log.exception("request failed", request_id=env.request.request_id)
+                    results.append(self.engine.unexpected(env, exc))
+                    break
+        return results
+
+    # -- the Kafka side -------------------------------------------------------------------
+
+    async def _commit_partition(
+        self, tp: TopicPartition, records: list[OutRecord], consumed: list[Any]
+    ) -> None:
+        next_offset = consumed[-1].offset + 1
+        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+        attempt = 0
+        while True:
+            producer = self._producers.get(tp)
+            if producer is None:
+                return  # revoked meanwhile: the new owner redoes these from the ledger
+            try:
+                await asyncio.wait_for(
+                    self._transaction(producer, tp, records, next_offset), kafka.CALL_TIMEOUT
+                )
+                return
+            except ProducerFenced:
+                log.warning("fenced: partition taken over", partition=tp.partition)
+                await self.close_producer(tp)
+                return
+            except (KafkaError, TimeoutError, OSError) as exc:
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("kafka commit retry", partition=tp.partition, error=repr(exc)[:300])
+                await self._reset_producer(tp, producer)
+                if time.monotonic() > deadline:
+                    # Give up for now: read these records again; the ledger replays them.
+                    if self.consumer is not None and tp in self._producers:
+                        self.consumer.seek(tp, consumed[0].offset)
+                    return
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        records: list[OutRecord],
+        next_offset: int,
+    ) -> None:
+        await producer.begin_transaction()
+        try:
+            for r in records:
+                await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+            await producer.send_offsets_to_transaction({tp: next_offset}, self.settings.group_id)
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.abort_transaction(), 10)
+            raise
+
+    async def _reset_producer(self, tp: TopicPartition, old: AIOKafkaProducer) -> None:
+        """aiokafka can wedge after a broker failure: replace the producer outright."""
+        current = self._producers.get(tp)
+        if current is None or current is not old:
+            return
+        del self._producers[tp]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), 5)
+        with contextlib.suppress(TransientError):
+            await self._open_producer(tp)
