@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from processor import kafka
 from processor.config import Settings
-from processor.engine import Engine, Envelope, Outcome
+from processor.engine import Engine, Envelope, Outcome, is_transient
 from processor.errors import InvalidArgument, TransientError
 from processor.intake import (
     Message,
@@ -58,6 +58,13 @@ log = get_logger("processor.worker")
 
 #: How long a partition's Kafka commit is retried before the batch is left to be redone.
 COMMIT_RETRY_SECONDS = 60.0
+#: How long a lane's database transaction is retried before the batch is left to be redone:
+#: well under max_poll_interval, so a long outage does not cost the group membership.
+DATABASE_RETRY_SECONDS = 120.0
+
+
+class _GiveUp(Exception):
+    """Leave this batch: its records are read again (and replayed from the ledger)."""
 
 
 def _backoff(attempt: int, cap: float = 5.0) -> float:
@@ -98,6 +105,7 @@ class Worker:
         self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
         self._topics_checked_at = 0.0
         self._last_poll = 0.0
+        self._stop = asyncio.Event()
         self.batches = 0
 
     @property
@@ -167,6 +175,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         consumer = kafka.make_consumer(self.bootstrap, self.settings.group_id)
         self.consumer = consumer
         consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
@@ -243,9 +252,20 @@ class Worker:
             if isinstance(item, Envelope):
                 key = message.key or f"{item.request.entity}:{item.request.id}".encode()
                 lanes[zlib.crc32(key) % len(lanes)].append((message, item))
-        results = await asyncio.gather(*(self._run_lane(lane) for lane in lanes if lane))
+        results = await asyncio.gather(
+            *(self._run_lane(lane) for lane in lanes if lane), return_exceptions=True
+        )
         outcomes: dict[tuple[int, int], Outcome] = {}
         for lane_result in results:
+            if isinstance(lane_result, BaseException):
+                if not isinstance(lane_result, _GiveUp):
+                    raise lane_result
+                # What the other lanes committed is in the ledger: the redo replays it.
+                assert self.consumer is not None
+                for tp, records in owned.items():
+                    self.consumer.seek(tp, records[0].offset)
+                self.metrics.in_flight.set(0)
+                return
             outcomes.update(lane_result)
 
         out: dict[TopicPartition, list[OutRecord]] = defaultdict(list)
@@ -363,21 +383,24 @@ class Worker:
     ) -> dict[tuple[int, int], Outcome]:
         envelopes = [env for _, env in lane]
         attempt = 0
+        deadline = time.monotonic() + DATABASE_RETRY_SECONDS
         while True:
             try:
                 async with self.pool.acquire(timeout=10) as conn:
                     outcomes = await self.engine.process(conn, envelopes)
                 break
-            except (TransientError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("engine failed on a batch; isolating", error=repr(exc)[:300])
+                    outcomes = await self._isolate(envelopes)
+                    break
                 self.metrics.retries.labels("database").inc()
                 log.warning("database retry", attempt=attempt, error=repr(exc)[:300])
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    raise _GiveUp() from exc
                 await self.pool.expire_connections()
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
-            except Exception as exc:
-                log.exception("engine failed on a batch; isolating", error=repr(exc)[:300])
-                outcomes = await self._isolate(envelopes)
-                break
         return {(m.partition, m.offset): o for (m, _), o in zip(lane, outcomes, strict=True)}
 
     async def _isolate(self, envelopes: list[Envelope]) -> list[Outcome]:
@@ -390,14 +413,16 @@ class Worker:
                     async with self.pool.acquire(timeout=10) as conn:
                         results.extend(await self.engine.process(conn, [env]))
                     break
-                except (TransientError, OSError, TimeoutError, asyncpg.InterfaceError):
+                except Exception as exc:
+                    if not is_transient(exc):
+                        log.exception("request failed", request_id=env.request.request_id)
+                        results.append(self.engine.unexpected(env, exc))
+                        break
+                    if self._stop.is_set() or attempt > 10:
+                        raise _GiveUp() from exc
                     await self.pool.expire_connections()
                     await asyncio.sleep(_backoff(attempt))
                     attempt += 1
-                except Exception as exc:
-                    log.exception("request failed", request_id=env.request.request_id)
-                    results.append(self.engine.unexpected(env, exc))
-                    break
         return results
 
     # -- the Kafka side -------------------------------------------------------------------
@@ -425,7 +450,7 @@ class Worker:
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("kafka commit retry", partition=tp.partition, error=repr(exc)[:300])
                 await self._reset_producer(tp, producer)
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._stop.is_set():
                     # Give up for now: read these records again; the ledger replays them.
                     if self.consumer is not None and tp in self._producers:
                         self.consumer.seek(tp, consumed[0].offset)

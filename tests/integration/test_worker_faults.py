@@ -1,0 +1,96 @@
+"""The worker survives restarts of PostgreSQL and of the Kafka broker, with no operator action.
+
+These restart the local stack's services (``ops/stack``), so they need the stack the tests
+run on to be the local one; against services given from outside they cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.integration.harness import Scenario, check_exactly_once, updates
+from tests.support import ROOT
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+
+def _local_stack_matches(endpoints: Any) -> bool:
+    env = subprocess.run(
+        [ROOT / "ops" / "stack", "env", "--json"], capture_output=True, text=True, check=False
+    )
+    if env.returncode != 0:
+        return False
+    values = json.loads(env.stdout)
+    return bool(
+        values.get("KAFKA_BOOTSTRAP_SERVERS") == endpoints.kafka_bootstrap
+        and values.get("DATABASE_URL") == endpoints.database_url
+    )
+
+
+def _stack(*args: str) -> None:
+    done = subprocess.run([ROOT / "ops" / "stack", *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"ops/stack {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+
+
+@pytest.fixture
+async def scenario(stack_endpoints: Any, db_schema: str, tmp_path: Path) -> AsyncIterator[Scenario]:
+    if not _local_stack_matches(stack_endpoints):
+        pytest.skip("restarts need the local stack (ops/stack); the endpoints are external")
+    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
+    conn = await asyncpg.connect(stack_endpoints.database_url)
+    try:
+        await s.setup(conn)
+        await conn.execute(f"INSERT INTO {db_schema}.acct (id) SELECT generate_series(1, 30)")
+    finally:
+        await conn.close()
+    yield s
+    s.stop_all()
+
+
+async def _check(s: Scenario, requests: list[dict[str, Any]]) -> None:
+    replies = await s.replies(expect=len(requests), timeout=240)
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        await check_exactly_once(conn, s.schema, replies, requests)
+    finally:
+        await conn.close()
+    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
+
+
+async def test_postgres_immediate_stop_and_start_mid_stream_needs_no_operator(
+    scenario: Scenario,
+) -> None:
+    """`pg_ctl stop -m immediate` mid-stream, then start: every request once, in order."""
+    requests = updates(range(1, 31), 40, scenario.run)
+    scenario.start_worker()
+    sender = asyncio.create_task(scenario.send(requests, rate=400))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(_stack, "stop", "postgres", "--immediate")
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(_stack, "up")
+    await sender
+    await _check(scenario, requests)
+
+
+async def test_kafka_broker_kill_and_restart_mid_stream_needs_no_operator(
+    scenario: Scenario,
+) -> None:
+    """kill -9 of the broker mid-stream, then start: every request once, in order."""
+    requests = updates(range(1, 31), 30, scenario.run)
+    scenario.start_worker()
+    sender = asyncio.create_task(scenario.send(requests[: len(requests) // 2], rate=400))
+    await sender
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(_stack, "stop", "kafka", "--immediate")
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(_stack, "up")
+    await scenario.send(requests[len(requests) // 2 :], rate=400)
+    await _check(scenario, requests)

@@ -1,0 +1,93 @@
+"""Intake: every record becomes an envelope or a rejection; nothing raises, nothing is lost."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from processor.contract import DeadLetter, Reply
+from processor.engine import Envelope, Outcome
+from processor.intake import DEAD_LETTER_PREFIX, Rejected, admit, outcome_records, rejected_records
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class Msg:
+    value: bytes | None
+    key: bytes | None = b"acct:1"
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    topic: str = "requests"
+    partition: int = 3
+    offset: int = 42
+
+
+GOOD = b'{"type":"delete","request_id":"r1","entity":"acct","id":1}'
+
+
+def test_a_valid_request_becomes_an_envelope_with_its_source() -> None:
+    item = admit(Msg(GOOD), max_bytes=1000, now=NOW)
+    assert isinstance(item, Envelope)
+    assert item.request.request_id == "r1"
+    assert item.source is not None
+    assert (item.source.topic, item.source.partition, item.source.offset) == ("requests", 3, 42)
+
+
+@pytest.mark.parametrize(
+    ("value", "request_id"),
+    [
+        (b"not json", None),
+        (None, None),
+        (b'{"type":"update","request_id":"r2","entity":"acct","id":true}', "r2"),
+        (b'{"type":"nope","request_id":"r3"}', "r3"),
+        (b'{"request_id":' + b'"' + b"x" * 200 + b'"}', None),
+    ],
+)
+def test_an_undecodable_record_is_rejected_and_addressed_only_when_its_id_is_readable(
+    value: bytes | None, request_id: str | None
+) -> None:
+    item = admit(Msg(value), max_bytes=10_000, now=NOW)
+    assert isinstance(item, Rejected)
+    assert item.request_id == request_id
+    assert (item.reply is not None) == (request_id is not None)
+    records = rejected_records(item, reply_topic="replies", dlq_topic="dlq", now=NOW)
+    assert [r.topic for r in records] == (["replies", "dlq"] if request_id else ["dlq"])
+
+
+def test_an_oversized_record_is_not_decoded_and_uses_the_request_id_header() -> None:
+    value = b'{"type":"delete"' + b" " * 5000 + b"}"
+    item = admit(Msg(value, headers=[("request_id", b"big-1")]), max_bytes=1000, now=NOW)
+    assert isinstance(item, Rejected)
+    assert item.fault.code == -2130771966
+    assert item.reply is not None
+    assert item.reply.type is None  # never decoded
+    records = rejected_records(item, reply_topic="replies", dlq_topic="dlq", now=NOW)
+    letter = msgspec.json.decode(records[-1].value, type=DeadLetter)
+    assert letter.value_length == len(value)
+    assert letter.value_sha256 == hashlib.sha256(value).hexdigest()
+    assert letter.value_prefix is not None
+    assert base64.b64decode(letter.value_prefix) == value[:DEAD_LETTER_PREFIX]
+    assert (letter.source_partition, letter.source_offset) == (3, 42)
+    assert records[-1].key == b"acct:1"
+
+
+def test_a_reply_goes_to_reply_to_with_request_id_and_traceparent_headers() -> None:
+    value = b'{"type":"delete","request_id":"r1","entity":"acct","id":1,"reply_to":"mine"}'
+    msg = Msg(value, headers=[("traceparent", b"00-abc-def-01"), ("other", b"x")])
+    env = admit(msg, max_bytes=1000, now=NOW)
+    assert isinstance(env, Envelope)
+    reply = Reply(
+        request_id="r1", type="delete", entity="acct", id=1, status="success", processed_at=NOW
+    )
+    out = outcome_records(
+        env, msg, Outcome(reply, b"{}"), reply_topic="replies", dlq_topic="dlq", now=NOW
+    )
+    assert len(out) == 1
+    assert out[0].topic == "mine"
+    assert out[0].key == b"acct:1"
+    assert out[0].headers == [("request_id", b"r1"), ("traceparent", b"00-abc-def-01")]
