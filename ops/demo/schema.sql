@@ -20,3 +20,7 @@ INSERT INTO demo.account (id, name, balance)
 INSERT INTO demo.item (sku, qty) VALUES ('widget', 10), ('gadget', 5)
     ON CONFLICT (sku) DO NOTHING;
 INSERT INTO demo.note (id, body) VALUES (1, 'hello') ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS demo.counter (
+    id integer PRIMARY KEY,
+    n  bigint NOT NULL DEFAULT 0
+);
