@@ -37,14 +37,25 @@ __all__ = [
     "salvage",
 ]
 
+#: PostgreSQL text cannot hold NUL: the ledger stores request_id, entity and id as text,
+#: so a NUL in them must fail at decoding, not in the batch's INSERT.
+_NO_NUL: Final = "^[^\\x00]*$"
 RequestId: TypeAlias = Annotated[
-    str, Meta(min_length=1, max_length=128, description="Idempotency key and correlation id.")
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=_NO_NUL,
+        description="Idempotency key and correlation id.",
+    ),
 ]
 EntityName: TypeAlias = Annotated[
-    str, Meta(min_length=1, max_length=63, description="The entity's logical name.")
+    str,
+    Meta(min_length=1, max_length=63, pattern=_NO_NUL, description="The entity's logical name."),
 ]
 RecordId: TypeAlias = Annotated[
-    str | int, Meta(description="Primary key value: string or integer per the entity's key.")
+    Annotated[str, Meta(pattern=_NO_NUL)] | int,
+    Meta(description="Primary key value: string or integer per the entity's key."),
 ]
 RowVersion: TypeAlias = Annotated[
     str, Meta(max_length=40, description="Opaque version token from a reply or retrieve.")
@@ -188,7 +199,7 @@ _request_decoder: Final = msgspec.json.Decoder(Request)
 _encoder: Final = msgspec.json.Encoder(order="deterministic")
 
 
-_PATH_RE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_PATH_RE: Final = re.compile(r" - at (?:`key` in )?`\$\.?(?P<path>[^`]*)`$")
 
 
 def decode_request(data: bytes) -> Request:
@@ -204,6 +215,8 @@ def decode_request(data: bytes) -> Request:
         raise fault from exc
     except msgspec.DecodeError as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:  # msgspec bounds nesting by the interpreter's limit
+        raise InvalidArgument("malformed JSON: nested too deeply") from exc
     return request
 
 
@@ -237,18 +250,20 @@ def salvage(data: bytes) -> Salvage:
     """
     try:
         loose = _loose_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return Salvage()
 
     def text(value: Any, limit: int) -> str | None:
-        return value if isinstance(value, str) and 0 < len(value) <= limit else None
+        if isinstance(value, str) and 0 < len(value) <= limit and "\x00" not in value:
+            return value
+        return None
 
     reply_to = text(loose.reply_to, 249)
     record_id = loose.id
     if (
         isinstance(record_id, bool)
         or not isinstance(record_id, str | int)
-        or (isinstance(record_id, str) and len(record_id) > 256)
+        or (isinstance(record_id, str) and (len(record_id) > 256 or "\x00" in record_id))
     ):
         record_id = None
     return Salvage(

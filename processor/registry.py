@@ -302,5 +302,18 @@ async def load_registry(
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{name}: not UTF-8: {exc}") from exc
     specs = parse_registry(text, name)
-    entities = {spec.name: await _resolve(conn, spec, name) for spec in specs}
+    entities: dict[str, Entity] = {}
+    tables: dict[str, str] = {}
+    for spec in specs:
+        entity = await _resolve(conn, spec, name)
+        # The engine orders and versions writes per entity and key: two entities on one
+        # table could write the same row twice in one round (the same xmin token twice,
+        # and a version check against a stale read), so one table has one entity.
+        other = tables.setdefault(entity.qualified, entity.name)
+        if other != entity.name:
+            raise ConfigError(
+                f"{name}: entities.{spec.name}.table: {entity.qualified} is already the "
+                f"table of entity {other!r} (one entity per table)"
+            )
+        entities[spec.name] = entity
     return Registry(entities, name)

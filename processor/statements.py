@@ -52,8 +52,11 @@ class EntityStatements:
             ),
             update=(
                 f"UPDATE {table} AS t SET {', '.join(assignments)} "
-                f"FROM (SELECT u.k, u.attrs, jsonb_populate_record(NULL::{table}, u.attrs) AS rec "
-                f"FROM unnest($1::{key_array}, $2::jsonb[]) AS u(k, attrs)) AS v "
+                # The current row is the base record: columns missing from attrs keep
+                # their values instead of NULL, which a NOT NULL domain would reject.
+                f"FROM (SELECT u.k, u.attrs, jsonb_populate_record(c, u.attrs) AS rec "
+                f"FROM unnest($1::{key_array}, $2::jsonb[]) AS u(k, attrs) "
+                f"JOIN {table} AS c ON c.{key} = u.k) AS v "
                 f"WHERE t.{key} = v.k RETURNING t.{key} AS k, {version} AS v"
             ),
             delete=(
