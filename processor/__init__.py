@@ -1,10 +1,11 @@
 """Kafka -> PostgreSQL request processor with Dataverse-style optimistic concurrency.
 
-The public API is small: the wire contract, the fault tree, the registry, the engine and
-the settings. Everything else (worker, intake, Kafka and database plumbing) is reached
-through the ``processor`` command.
+The public API is small: the wire contract, the fault tree, the registry, the engine, the
+settings and the producer client (:class:`Client`). Everything else (worker, intake, Kafka
+and database plumbing) is reached through the ``processor`` command.
 """
 
+from processor.client import Client
 from processor.config import Settings
 from processor.contract import (
     DeadLetter,
@@ -31,6 +32,7 @@ from processor.errors import (
     ObjectDoesNotExist,
     OptimisticConcurrencyNotEnabled,
     ProcessorError,
+    ReplyTimeout,
     RequestExpired,
     RequestTooLarge,
     TransientError,
@@ -42,6 +44,7 @@ from processor.registry import Registry, load_registry
 __all__ = [
     "FAULT_TYPES",
     "AttributeNotFound",
+    "Client",
     "ConcurrencyVersionMismatch",
     "ConcurrencyVersionNotProvided",
     "ConfigError",
@@ -61,6 +64,7 @@ __all__ = [
     "ProcessorError",
     "Registry",
     "Reply",
+    "ReplyTimeout",
     "Request",
     "RequestExpired",
     "RequestTooLarge",

@@ -7,18 +7,26 @@ import asyncio
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Final
 
 import asyncpg
+import msgspec
 
 from processor.config import SETTINGS, Settings
 from processor.errors import ConfigError, ProcessorError
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS: Final = frozenset({"run", "migrate", "topics", "demo", "prune-ledger", "schemas"})
+COMMANDS: Final = frozenset(
+    {"run", "migrate", "topics", "demo", "prune-ledger", "schemas", "send", "loadtest", "audit"}
+)
+
+#: `processor send`: exit statuses besides 0 (success) and 2 (usage or configuration).
+EXIT_FAULT: Final = 1
+EXIT_TIMEOUT: Final = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +45,35 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than-days", type=int, default=None)
     schemas = sub.add_parser("schemas", help="write schemas/ from the code (--check: diff only)")
     schemas.add_argument("--check", action="store_true")
+    send = sub.add_parser(
+        "send",
+        help="send one request, print its reply (exit 0 success, 1 fault, 3 timeout, 2 usage)",
+        description="Send one request (JSON; request_id is filled in if missing) to the request "
+        "topic and print its reply as JSON. Exit status: 0 success, 1 fault reply, 3 no reply "
+        "in time (resend the same request_id to learn the outcome), 2 usage or configuration.",
+    )
+    send.add_argument("request", nargs="?", help="the request as JSON (default: read stdin)")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    send.add_argument("--traceparent", help="W3C traceparent header to pass along")
+    from processor.loadtest import add_arguments as loadtest_arguments
+
+    loadtest_arguments(
+        sub.add_parser(
+            "loadtest",
+            help="read-modify-write load on demo.counter through the workers, then invariants",
+            description="Read-modify-write increments, stale updates and deletes on the rows "
+            "of a counter entity through a running worker group (or --with-worker N), then "
+            "the invariants; exit 1 if one breaks. Shares are fractions of the operations.",
+        )
+    )
+    from processor.audit import add_arguments as audit_arguments
+
+    audit_arguments(
+        sub.add_parser(
+            "audit",
+            help="prove from the topics and the ledger what happened to every request",
+        )
+    )
     assert set(sub.choices) == COMMANDS
     return parser
 
@@ -110,10 +147,59 @@ async def _run(settings: Settings) -> int:
     return 0
 
 
+async def _send(settings: Settings, text: str | None, wait: float, trace: str | None) -> int:
+    from processor.client import Client
+    from processor.contract import decode_request, encode_reply
+    from processor.errors import Fault, ReplyTimeout
+
+    settings.require("kafka_bootstrap_servers")
+    assert settings.kafka_bootstrap_servers is not None
+    if wait <= 0:
+        raise ConfigError("--timeout must be > 0")
+    raw = sys.stdin.read() if text is None else text
+    try:
+        fields = msgspec.json.decode(raw)
+        if not isinstance(fields, dict):
+            raise ConfigError("the request must be a JSON object")
+        fields.setdefault("request_id", uuid.uuid4().hex)
+        request = decode_request(msgspec.json.encode(fields))
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"the request is not JSON: {exc}") from None
+    except Fault as exc:
+        raise ConfigError(exc.message) from None
+    if request.reply_to not in (None, settings.reply_topic):
+        raise ConfigError(f"reply_to must be the reply topic {settings.reply_topic!r} or absent")
+    async with Client(
+        settings.kafka_bootstrap_servers,
+        request_topic=settings.request_topic,
+        reply_topic=settings.reply_topic,
+        timeout=wait,
+    ) as client:
+        try:
+            reply = await client.send(request, traceparent=trace)
+        except ReplyTimeout as exc:
+            print(f"processor send: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+    print(encode_reply(reply).decode())
+    return 0 if reply.status == "success" else EXIT_FAULT
+
+
 async def _demo(settings: Settings) -> int:
     from processor.demo import run_demo
 
     return await run_demo(settings)
+
+
+async def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.audit import run_from_args
+
+    return await run_from_args(settings, args)
+
+
+async def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.loadtest import run_from_args
+
+    return await run_from_args(settings, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "topics": lambda: _topics(settings),
             "prune-ledger": lambda: _prune(settings, args.older_than_days),
             "demo": lambda: _demo(settings),
+            "send": lambda: _send(settings, args.request, args.timeout, args.traceparent),
+            "loadtest": lambda: _loadtest(settings, args),
+            "audit": lambda: _audit(settings, args),
         }[command]()
         return asyncio.run(coro)
     except ConfigError as exc:

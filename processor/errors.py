@@ -5,6 +5,7 @@ Error tree (every :class:`Fault` becomes a fault reply; the numbers are the cont
     ProcessorError
     +-- ConfigError                      bad setting, flag or registry: the process does not start
     +-- TransientError                   a service hiccup: the batch is retried, nothing is replied
+    +-- ReplyTimeout                     client side: no reply in time (resending it is safe)
     +-- Fault                            becomes a fault reply (code, name, retryable)
         +-- ConcurrencyVersionMismatch       -2147088254
         +-- ConcurrencyVersionNotProvided    -2147088253
@@ -24,7 +25,10 @@ live in 0x80FF0000-0x80FFFFFF, a block Dataverse does not use.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from processor.contract import Reply, Request
 
 __all__ = [
     "FAULT_TYPES",
@@ -39,6 +43,7 @@ __all__ = [
     "ObjectDoesNotExist",
     "OptimisticConcurrencyNotEnabled",
     "ProcessorError",
+    "ReplyTimeout",
     "RequestExpired",
     "RequestTooLarge",
     "TransientError",
@@ -58,6 +63,23 @@ class TransientError(ProcessorError):
     """A service failed in a way that a retry of the whole batch can fix."""
 
 
+class ReplyTimeout(ProcessorError):
+    """:mod:`processor.client`: no reply within the timeout; the outcome is unknown.
+
+    Resending ``request`` as is (the same ``request_id``) is safe: if the first one was
+    applied, the worker's ledger answers with the stored reply and applies nothing.
+    """
+
+    def __init__(self, request: Request, timeout: float) -> None:
+        super().__init__(
+            f"no reply to {request.request_id!r} within {timeout:g} s "
+            "(outcome unknown; resending the same request_id is safe)"
+        )
+        self.request = request
+        self.request_id = request.request_id
+        self.timeout = timeout
+
+
 class Fault(ProcessorError):
     """A request's outcome is a fault reply: subclasses fix ``code`` and ``name``."""
 
@@ -68,6 +90,8 @@ class Fault(ProcessorError):
     dead_letter: ClassVar[bool] = False
     #: What the code means, for the generated fault table.
     summary: ClassVar[str] = ""
+    #: Client side (:mod:`processor.client`): the fault reply this was raised for.
+    reply: Reply | None = None
 
     def __init__(
         self,

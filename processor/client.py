@@ -1,0 +1,409 @@
+"""An async client for producer services: send a request, await its reply, typed.
+
+::
+
+    async with Client("127.0.0.1:19092") as client:
+        row = await client.retrieve("counter", 1)
+        await client.update("counter", 1, {"n": 2}, row_version=row.row_version)
+        await client.read_modify_write("counter", 1, lambda a: {"n": a["n"] + 1})
+
+Each call returns the success :class:`~processor.contract.Reply` or raises the fault's
+type from :mod:`processor.errors` (``FAULT_TYPES[code]``, with ``expected_version``,
+``current_version``, ``path`` and the reply as ``exc.reply``); a code this version does not
+know raises :class:`~processor.errors.UnexpectedError`. No reply in time raises
+:class:`~processor.errors.ReplyTimeout`: the outcome is unknown, and resending the same
+request (``exc.request``, or the same ``request_id``) is safe, since the workers' ledger
+answers a known request_id with its stored reply and applies nothing again.
+
+One client serves any number of concurrent callers: one producer, and one reply consumer
+(no group, ``read_committed``, every partition of the reply topic, from its end) that
+hands each reply to the caller waiting for its ``request_id``. ``reply_topic`` must be the
+topic the workers reply on (their ``PROCESSOR_REPLY_TOPIC``); every client reads all of
+it, so it suits producer services, not thousands of short-lived processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final, Self, TypeAlias
+
+import msgspec
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from processor import kafka
+from processor.contract import (
+    Behavior,
+    DeleteRequest,
+    RelatedEntity,
+    Reply,
+    Request,
+    RetrieveRequest,
+    UpdateRequest,
+)
+from processor.errors import (
+    FAULT_TYPES,
+    ConcurrencyVersionMismatch,
+    ConfigError,
+    Fault,
+    ProcessorError,
+    ReplyTimeout,
+    TransientError,
+    UnexpectedError,
+)
+from processor.log import get_logger
+
+__all__ = ["Client", "Observer", "fault_of", "new_request_id", "raise_for_fault"]
+
+#: Called once per request sent: (request, its reply or None if none came, seconds taken).
+Observer: TypeAlias = Callable[[Request, Reply | None, float], None]
+
+log = get_logger("processor.client")
+_reply_decoder: Final = msgspec.json.Decoder(Reply)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def fault_of(reply: Reply) -> Fault:
+    """The typed exception for a fault reply (unknown codes: :class:`UnexpectedError`)."""
+    detail = reply.fault
+    if detail is None:
+        fault: Fault = UnexpectedError(f"fault reply to {reply.request_id!r} without details")
+    else:
+        cls = FAULT_TYPES.get(detail.code)
+        message = detail.message
+        if cls is None:
+            cls, message = UnexpectedError, f"{detail.name} ({detail.code}): {detail.message}"
+        fault = cls(
+            message,
+            expected_version=detail.expected_version,
+            current_version=detail.current_version,
+            path=detail.path,
+        )
+    fault.reply = reply
+    return fault
+
+
+def raise_for_fault(reply: Reply) -> Reply:
+    """Return a success reply; raise :func:`fault_of` a fault reply."""
+    if reply.status != "success":
+        raise fault_of(reply)
+    return reply
+
+
+class Client:
+    """Requests to the workers and their replies; use ``async with`` (or start/close)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        request_topic: str = "requests",
+        reply_topic: str = "replies",
+        timeout: float = 30.0,
+        observer: Observer | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.bootstrap = bootstrap
+        self.request_topic = request_topic
+        self.reply_topic = reply_topic
+        self.timeout = timeout
+        #: Called after every request sent (settable, e.g. by the load test).
+        self.observer = observer
+        #: The reply topic's (read_committed) end when the client started, per partition:
+        #: every reply to a request sent by this client comes after it.
+        self.start_positions: dict[TopicPartition, int] = {}
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[str, list[asyncio.Future[Reply]]] = {}
+        self._broken: ProcessorError | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def pending(self) -> int:
+        """Request ids awaiting a reply (for tests and metrics)."""
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Start the producer and the reply consumer, positioned at the reply topic's end.
+
+        Returns only once every reply partition's position is resolved, so no reply to a
+        request sent afterwards can be missed.
+        """
+        if self._producer is not None:
+            raise RuntimeError("client already started")
+        producer = kafka.make_producer(self.bootstrap)
+        consumer = kafka.make_consumer(self.bootstrap, None, auto_offset_reset="latest")
+        try:
+            await asyncio.wait_for(producer.start(), kafka.CALL_TIMEOUT)
+            await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+            await _partitions(producer, self.request_topic)
+            tps = [
+                TopicPartition(self.reply_topic, p)
+                for p in sorted(await _partitions(producer, self.reply_topic))
+            ]
+            consumer.assign(tps)
+            await asyncio.wait_for(consumer.seek_to_end(*tps), kafka.CALL_TIMEOUT)
+            positions = {
+                tp: await asyncio.wait_for(consumer.position(tp), kafka.CALL_TIMEOUT) for tp in tps
+            }
+        except BaseException:
+            await _stop(producer, consumer)
+            raise
+        self._producer, self._consumer = producer, consumer
+        self.start_positions = positions
+        self._reader = asyncio.create_task(self._read(), name="processor-client-replies")
+
+    async def close(self) -> None:
+        """Stop reading replies (waiting callers get a ProcessorError) and the clients."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._fail_all(ProcessorError("client closed"))
+        await _stop(self._producer, self._consumer)
+        self._producer = self._consumer = None
+
+    async def send(
+        self, request: Request, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Reply:
+        """Send one request and return its reply, success or fault (no exception for those).
+
+        Raises :class:`ReplyTimeout` when no reply came within ``timeout`` (the client's
+        by default), :class:`TransientError` when Kafka refused the request.
+        """
+        if self._producer is None:
+            raise RuntimeError("client not started (use `async with Client(...)`)")
+        if self._broken is not None:
+            raise self._broken
+        if request.reply_to not in (None, self.reply_topic):
+            raise ValueError(f"this client reads replies on {self.reply_topic!r} only")
+        limit = self.timeout if timeout is None else timeout
+        rid = request.request_id
+        headers = [("request_id", rid.encode())]
+        if traceparent:
+            headers.append(("traceparent", traceparent.encode()))
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(rid, []).append(future)  # before sending: a reply can be fast
+        started = time.monotonic()
+        reply: Reply | None = None
+        try:
+            async with asyncio.timeout(limit):
+                await self._producer.send_and_wait(
+                    self.request_topic,
+                    _encoder.encode(request),
+                    key=f"{request.entity}:{request.id}".encode(),
+                    headers=headers,
+                )
+                reply = await future
+        except TimeoutError:
+            raise ReplyTimeout(request, limit) from None
+        except KafkaError as exc:
+            raise TransientError(f"cannot send {rid!r} (resending it is safe): {exc!r}") from exc
+        finally:
+            self._forget(rid, future)
+            if self.observer is not None:
+                self.observer(request, reply, time.monotonic() - started)
+        return reply
+
+    async def update(
+        self,
+        entity: str,
+        id: str | int,
+        attributes: Mapping[str, Any],
+        *,
+        row_version: str | None = None,
+        behavior: Behavior = "Default",
+        related: Sequence[RelatedEntity] | None = None,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Reply:
+        """Update the row's ``attributes`` (never creates it); ``related`` rows with it."""
+        request = UpdateRequest(
+            request_id=request_id or new_request_id(),
+            entity=entity,
+            id=id,
+            attributes=dict(attributes),
+            row_version=row_version,
+            concurrency_behavior=behavior,
+            related=list(related or ()),
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout, traceparent=traceparent))
+
+    async def delete(
+        self,
+        entity: str,
+        id: str | int,
+        *,
+        row_version: str | None = None,
+        behavior: Behavior = "Default",
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Reply:
+        """Delete the row."""
+        request = DeleteRequest(
+            request_id=request_id or new_request_id(),
+            entity=entity,
+            id=id,
+            row_version=row_version,
+            concurrency_behavior=behavior,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout, traceparent=traceparent))
+
+    async def retrieve(
+        self,
+        entity: str,
+        id: str | int,
+        *,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Reply:
+        """The row's attributes (``reply.attributes``) and version (``reply.row_version``)."""
+        request = RetrieveRequest(
+            request_id=request_id or new_request_id(),
+            entity=entity,
+            id=id,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout, traceparent=traceparent))
+
+    async def read_modify_write(
+        self,
+        entity: str,
+        id: str | int,
+        fn: Callable[[dict[str, Any]], Mapping[str, Any]],
+        *,
+        attempts: int = 10,
+        backoff: float = 0.01,
+        timeout: float | None = None,
+        on_conflict: Callable[[ConcurrencyVersionMismatch], None] | None = None,
+    ) -> Reply:
+        """Retrieve, ``fn(attributes)`` -> the attributes to write, update IfRowVersionMatches.
+
+        A :class:`ConcurrencyVersionMismatch` (another writer came first) starts over with
+        a new request_id after a jittered, exponential pause (``backoff * 2**attempt`` at
+        most, capped at 1 s), up to ``attempts`` tries; the last mismatch is raised. Any
+        other fault, and :class:`ReplyTimeout`, is raised at once: after a timeout of the
+        update its outcome is unknown, so resend ``exc.request`` to learn it.
+        """
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        for attempt in range(attempts):
+            current = await self.retrieve(entity, id, timeout=timeout)
+            attributes = fn(dict(current.attributes or {}))
+            try:
+                return await self.update(
+                    entity,
+                    id,
+                    attributes,
+                    row_version=current.row_version,
+                    behavior="IfRowVersionMatches",
+                    timeout=timeout,
+                )
+            except ConcurrencyVersionMismatch as exc:
+                if on_conflict is not None:
+                    on_conflict(exc)
+                if attempt + 1 == attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(1.0, backoff * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    def _forget(self, rid: str, future: asyncio.Future[Reply]) -> None:
+        waiters = self._pending.get(rid)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(future)
+            if not waiters:
+                del self._pending[rid]
+        future.cancel()
+
+    def _fail_all(self, error: ProcessorError) -> None:
+        for waiters in self._pending.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(error)
+        self._pending.clear()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    batch = await self._consumer.getmany(timeout_ms=1000)
+                except KafkaError as exc:  # the consumer reconnects by itself
+                    log.warning("reply consumer error", error=repr(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                for records in batch.values():
+                    for record in records:
+                        self._deliver(record.headers, record.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("reply consumer failed")
+            self._broken = ProcessorError(f"the client's reply consumer failed: {exc!r}")
+            self._fail_all(self._broken)
+
+    def _deliver(self, headers: Sequence[tuple[str, bytes]], value: bytes | None) -> None:
+        for key, raw in headers:
+            # Not ours (the topic is shared): skip without decoding.
+            if key == "request_id" and raw and raw.decode(errors="replace") not in self._pending:
+                return
+        if value is None:
+            return
+        try:
+            reply = _reply_decoder.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for future in self._pending.pop(reply.request_id, ()):
+            if not future.done():
+                future.set_result(reply)
+
+
+async def _partitions(producer: Any, topic: str) -> set[int]:
+    try:  # all topics' metadata: a missing topic is known at once, without waiting
+        cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), kafka.CALL_TIMEOUT)
+        if not cluster.partitions_for_topic(topic):
+            raise ConfigError(f"topic {topic!r} does not exist")
+        parts: set[int] = await asyncio.wait_for(producer.partitions_for(topic), kafka.CALL_TIMEOUT)
+    except (KafkaError, TimeoutError) as exc:
+        raise ConfigError(f"topic {topic!r} is not available: {exc!r}") from exc
+    return parts
+
+
+async def _stop(*clients: Any) -> None:
+    for client in clients:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), kafka.CALL_TIMEOUT)

@@ -1,0 +1,124 @@
+"""`processor loadtest` end to end: a short run with its own worker, invariants checked."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from processor.config import Settings
+from processor.loadtest import LoadOptions, run_loadtest, summary, write_plot
+from processor.registry import Entity, quote
+from tests.integration.harness import Scenario
+from tests.integration.test_client import COUNTER_ENTITY, COUNTER_SQL
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def scenario(
+    stack_endpoints: Any, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
+) -> AsyncIterator[Scenario]:
+    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
+    await s.setup(pg)
+    await pg.execute(COUNTER_SQL.format(schema=db_schema))
+    with (tmp_path / "entities.toml").open("a") as registry:
+        registry.write(COUNTER_ENTITY.format(schema=db_schema))
+    yield s
+    s.stop_all()
+
+
+def short(**changes: Any) -> LoadOptions:
+    base: dict[str, Any] = {
+        "duration": 3.0,
+        "clients": 12,
+        "rows": 6,
+        "skew": 1.2,
+        "delete_share": 0.1,
+        "stale_share": 0.1,
+        "delete_rows": 300,
+        "attempts": 50,
+        "with_worker": 1,
+        "seed": 7,
+        "progress": False,
+        "ready_timeout": 90,
+    }
+    return LoadOptions(**{**base, **changes})
+
+
+async def test_a_short_load_test_holds_every_invariant(
+    scenario: Scenario, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    settings = Settings.from_env(scenario.env())
+    result = await run_loadtest(settings, short())
+    report = summary(result)
+    assert result["invariants"]["ok"], report
+    names = [c["name"] for c in result["invariants"]["checks"]]
+    assert names[:5] == [
+        "counters == successful increments",
+        "no stale update accepted",
+        "deleted rows == successful deletes",
+        "replies == requests",
+        "reply topic: one reply per send, none missing, copies identical",
+    ]
+    outcomes = result["outcomes"]
+    assert outcomes.get("increment.ok", 0) > 0
+    assert outcomes.get("stale.rejected", 0) > 0
+    assert outcomes.get("delete.ok", 0) > 0
+    assert not any(k.endswith("ACCEPTED") or ".error." in k for k in outcomes), outcomes
+    assert result["requests"] == result["replies"] == result["request_ids"]  # no timeouts
+    for name in ("op", "request", "increment"):
+        lat = result["latency_ms"][name]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert result["throughput"]["ops_per_s"] > 0
+    # the database agrees with the increments the run counted
+    rows = await pg.fetch(
+        f"SELECT n FROM {scenario.schema}.counter WHERE id BETWEEN 1 AND 6 ORDER BY id"
+    )
+    assert sum(r["n"] for r in rows) == result["increments"]
+    # the outputs
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    assert json.loads(path.read_text())["ops"] == result["ops"]
+    message = write_plot(result, tmp_path / "plot.png")
+    if message.startswith("plot skipped"):
+        assert "matplotlib" in message
+    else:
+        assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+async def test_a_tampered_counter_is_reported_as_a_broken_invariant(
+    scenario: Scenario,
+) -> None:
+    async def tamper(conn: asyncpg.Connection, entity: Entity) -> None:
+        await conn.execute(
+            f"UPDATE {entity.qualified} SET n = n + 1 WHERE {quote(entity.key.name)} = 1"
+        )
+
+    settings = Settings.from_env(scenario.env())
+    opts = short(duration=1.0, clients=4, skew=math.inf, delete_share=0.0, stale_share=0.0)
+    result = await run_loadtest(settings, opts, before_check=tamper)
+    assert not result["invariants"]["ok"]
+    broken = [c for c in result["invariants"]["checks"] if not c["ok"]]
+    assert [c["name"] for c in broken] == ["counters == successful increments"]
+    assert "1 rows differ" in broken[0]["detail"]
+    assert "BROKEN counters == successful increments" in summary(result)
+    assert result["options"]["skew"] == "max"
+    assert all(k.startswith("increment.") for k in result["outcomes"]), result["outcomes"]
+
+
+async def test_timeouts_are_settled_by_resending_the_same_request(scenario: Scenario) -> None:
+    """A reply deadline shorter than a round trip: requests time out all the time, and
+    each is resent with its request_id until answered; the counters still add up."""
+    settings = Settings.from_env(scenario.env())
+    result = await run_loadtest(settings, short(duration=2.0, timeout=0.02, stale_share=0.2))
+    assert result["invariants"]["ok"], summary(result)
+    outcomes = result["outcomes"]
+    assert result["requests"] > result["request_ids"], "some requests were resent"
+    assert any("timeout" in k for k in outcomes), outcomes
+    assert not any("unsettled" in k or "ACCEPTED" in k for k in outcomes), outcomes

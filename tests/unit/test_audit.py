@@ -1,0 +1,408 @@
+"""The audit's pure checks: chains, ledger rows, and the per-request judgement."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from processor.audit import (
+    BROKEN_VERSION_CHAIN,
+    DOUBLE_APPLICATION,
+    DUPLICATE_REPLY,
+    LEDGER_MISMATCH,
+    MISSING_REPLY,
+    REPLY_WITHOUT_REQUEST,
+    SPURIOUS_DEAD_LETTER,
+    UNANSWERED_BAD_INPUT,
+    Auditor,
+    RequestRecord,
+    Write,
+    check_chain,
+    ledger_row_problems,
+    parse_offsets,
+    read_reply,
+    read_request,
+)
+from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
+from processor.errors import (
+    ConfigError,
+    DuplicateRequest,
+    Fault,
+    InvalidArgument,
+    UnexpectedError,
+)
+from processor.ledger import LedgerEntry
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TOPIC = "requests"
+
+
+def w(rid: str, prior: str | None, new: str | None, minute: int = 0) -> Write:
+    return Write(rid, prior, new, T0 + timedelta(minutes=minute))
+
+
+# -- version chains ----------------------------------------------------------------------------
+
+
+def test_a_linked_chain_passes_even_when_processed_at_disagrees_with_commit_order() -> None:
+    writes = [w("a", "1", "2", 0), w("c", "3", "4", 1), w("b", "2", "3", 1)]
+    assert check_chain("acct", "1", writes) == []
+
+
+def test_a_delete_ends_the_chain_and_a_reinsert_may_reuse_versions() -> None:
+    writes = [w("a", "1", "2"), w("b", "2", None, 1), w("c", "1", "2", 2), w("d", "2", "3", 3)]
+    assert check_chain("item", "x", writes) == []
+
+
+@pytest.mark.parametrize(
+    ("writes", "words"),
+    [
+        ([w("a", "1", "2"), w("b", "7", "8", 1)], "gap"),
+        ([w("a", "1", "2"), w("b", "2", "3", 1), w("c", "2", "4", 2)], "fork"),
+        ([w("a", "1", "2"), w("b", "2", "3", 1), w("c", "4", "3", 2)], "produced twice"),
+        ([w("a", "1", "2"), w("b", "2", None, 1), w("c", "5", "6", 2), w("d", "9", "7", 3)], "gap"),
+    ],
+)
+def test_a_broken_chain_is_reported_once_with_the_guilty_request(
+    writes: list[Write], words: str
+) -> None:
+    (found,) = check_chain("acct", "1", writes)
+    assert found.kind == BROKEN_VERSION_CHAIN
+    assert words in found.detail
+    assert (found.entity, found.record_id) == ("acct", "1")
+
+
+def test_a_request_writing_a_record_twice_is_a_double_application() -> None:
+    found = check_chain("acct", "1", [w("a", "1", "2"), w("b", "2", "3", 1), w("b", "3", "4", 1)])
+    assert [a.kind for a in found] == [DOUBLE_APPLICATION]
+    assert found[0].request_id == "b"
+
+
+# -- ledger rows -------------------------------------------------------------------------------
+
+
+def reply(rid: str, **fields: Any) -> Reply:
+    base: dict[str, Any] = {
+        "request_id": rid,
+        "type": "update",
+        "entity": "acct",
+        "id": 1,
+        "status": "success",
+        "processed_at": T0,
+        "row_version": "11",
+        "behavior_applied": "AlwaysOverwrite",
+    }
+    base.update(fields)
+    return Reply(**base)
+
+
+def entry(rid: str, data: Reply, **fields: Any) -> LedgerEntry:
+    applied = data.status == "success" and data.type in ("update", "delete")
+    writes = None
+    if applied:
+        writes = msgspec.json.encode(
+            [{"entity": "acct", "id": 1, "prior": "10", "new": data.row_version}]
+        ).decode()
+    base: dict[str, Any] = {
+        "request_id": rid,
+        "fingerprint": b"fp-" + rid.encode(),
+        "type": str(data.type),
+        "entity": "acct",
+        "record_id": "1",
+        "status": data.status,
+        "fault_code": data.fault.code if data.fault else None,
+        "applied": applied,
+        "writes": writes,
+        "reply": encode_reply(data),
+        "source_topic": TOPIC,
+        "source_partition": 0,
+        "source_offset": 0,
+        "processed_at": T0,
+    }
+    base.update(fields)
+    return LedgerEntry(**base)
+
+
+def test_a_consistent_ledger_row_has_no_problem() -> None:
+    assert ledger_row_problems(entry("r", reply("r"))) == []
+    fault = reply(
+        "f",
+        status="fault",
+        row_version=None,
+        fault=FaultDetail(
+            code=-2147220969, name="ObjectDoesNotExist", message="gone", retryable=False
+        ),
+    )
+    assert ledger_row_problems(entry("f", fault)) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"status": "fault"}, "status"),
+        ({"applied": False}, "applied"),
+        ({"record_id": "2"}, "record_id"),
+        ({"writes": None}, "without writes"),
+        ({"reply": b"garbage"}, "not a Reply"),
+        (
+            {"writes": '[{"entity": "acct", "id": 1, "prior": "10", "new": "99"}]'},
+            "row_version",
+        ),
+    ],
+)
+def test_an_inconsistent_ledger_row_is_named(change: dict[str, Any], words: str) -> None:
+    problems = ledger_row_problems(entry("r", reply("r"), **change))
+    assert any(words in p for p in problems), problems
+
+
+# -- the judgement -----------------------------------------------------------------------------
+
+
+class History:
+    """Builds an auditor's input like the topics would give it."""
+
+    def __init__(self, *, complete: bool = True, accept_republished: bool = False) -> None:
+        self.auditor = Auditor(
+            TOPIC, {0: (0, 1000)}, complete=complete, accept_republished=accept_republished
+        )
+        self.offset = 0
+        self.reply_offset = 0
+        self.ledger_rows: list[LedgerEntry] = []
+
+    def request(self, rid: str | None, *, value: bytes | None = None) -> RequestRecord:
+        if value is None:
+            value = msgspec.json.encode(
+                {
+                    "type": "update",
+                    "request_id": rid,
+                    "entity": "acct",
+                    "id": 1,
+                    "attributes": {"seq": self.offset},
+                }
+            )
+        msg = _Msg(value, self.offset)
+        rec = read_request(msg, 0, max_bytes=10_000)
+        self.offset += 1
+        self.auditor.add_request(rec)
+        return rec
+
+    def reply(self, data: Reply | bytes) -> None:
+        raw = data if isinstance(data, bytes) else encode_reply(data)
+        self.auditor.add_reply(read_reply("replies", 0, self.reply_offset, raw))
+        self.reply_offset += 1
+
+    def ledger(self, rec: RequestRecord, data: Reply) -> None:
+        assert rec.request_id is not None
+        assert rec.fingerprint is not None
+        self.ledger_rows.append(
+            entry(rec.request_id, data, fingerprint=rec.fingerprint, source_offset=rec.offset)
+        )
+
+    def dead_letter(self, rec: RequestRecord) -> None:
+        letter = DeadLetter(
+            error="x",
+            fault_code=None,
+            request_id=rec.request_id,
+            source_topic=TOPIC,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+            key=None,
+            headers=[],
+            value_prefix=None,
+            value_length=0,
+            value_sha256=None,
+            dead_lettered_at=T0,
+        )
+        self.auditor.add_dead_letter(msgspec.json.encode(letter))
+
+    def judge(self, passes: int = 1) -> set[str]:
+        for row in self.ledger_rows:
+            if row.request_id in self.auditor.ledger_ids():
+                self.auditor.add_ledger_row(row)
+        self.auditor.finish(lambda _: passes)
+        return {k for k, n in self.auditor.anomaly_counts.items() if n}
+
+
+class _Msg:
+    def __init__(self, value: bytes, offset: int) -> None:
+        self.topic, self.partition, self.offset = TOPIC, 0, offset
+        self.key: bytes | None = b"acct:1"
+        self.value: bytes | None = value
+        self.headers: list[tuple[str, bytes]] = []
+
+
+def fault(rid: str, kind: type[Fault], path: str | None = None) -> Reply:
+    return reply(
+        rid,
+        status="fault",
+        row_version=None,
+        behavior_applied=None,
+        fault=FaultDetail(code=kind.code, name=kind.name, message="m", retryable=False, path=path),
+    )
+
+
+def test_one_request_one_reply_equal_to_the_ledger_is_clean() -> None:
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(reply("r1"))
+    assert h.judge() == set()
+    assert h.auditor.outcomes == {"success/update": 1}
+
+
+def test_missing_duplicate_and_republished_replies_are_counted_per_pass() -> None:
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    assert h.judge() == {MISSING_REPLY}
+
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(reply("r1"))
+    h.reply(reply("r1"))
+    assert h.judge() == {DUPLICATE_REPLY}
+
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(reply("r1"))
+    h.reply(reply("r1"))
+    assert h.judge(passes=2) == set()
+    assert h.auditor.counts["republished"] == 1
+
+
+def test_accept_republished_takes_identical_extra_copies_only() -> None:
+    h = History(accept_republished=True)
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(reply("r1"))
+    h.reply(reply("r1"))
+    assert h.judge() == set()
+
+    h = History(accept_republished=True)
+    rec = h.request("bad", value=b'{"request_id": "bad", "type": "update"}')
+    h.dead_letter(rec)
+    h.reply(fault("bad", InvalidArgument))
+    h.reply(fault("bad", InvalidArgument))
+    later = msgspec.structs.replace(fault("bad", InvalidArgument), processed_at=T0 + timedelta(1))
+    h.reply(later)
+    assert h.judge() == set()
+    assert h.auditor.counts["republished"] == 2
+
+
+def test_a_resend_gets_its_own_reply_and_a_different_payload_a_duplicate_record() -> None:
+    h = History()
+    first = h.request("r1")
+    h.request("r1", value=first_value(first))  # the same payload again
+    h.ledger(first, reply("r1"))
+    h.reply(reply("r1"))
+    h.reply(reply("r1"))
+    other = h.request("r1")  # another payload: DuplicateRecord, not ledgered, dead-lettered
+    h.reply(fault("r1", DuplicateRequest))
+    h.dead_letter(other)
+    assert h.judge() == set()
+    assert h.auditor.outcomes == {"success/update": 2, "fault/DuplicateRecord": 1}
+
+
+def first_value(rec: RequestRecord) -> bytes:
+    return msgspec.json.encode(
+        {
+            "type": "update",
+            "request_id": rec.request_id,
+            "entity": "acct",
+            "id": 1,
+            "attributes": {"seq": rec.offset},
+        }
+    )
+
+
+def test_a_reply_differing_from_the_ledger_is_a_mismatch() -> None:
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(encode_reply(reply("r1")) + b" ")
+    assert h.judge() == {LEDGER_MISMATCH}
+
+
+def test_a_ledgered_outcome_without_a_ledger_row_is_a_mismatch_but_unexpected_is_not() -> None:
+    h = History()
+    h.request("r1")
+    h.reply(reply("r1"))
+    assert h.judge() == {LEDGER_MISMATCH}
+
+    h = History()
+    h.request("r2")
+    h.reply(fault("r2", UnexpectedError))
+    assert h.judge() == set()
+    assert h.auditor.outcomes == {"fault/UnExpected": 1}
+
+
+def test_two_different_applications_of_one_request_are_a_double_application() -> None:
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1", row_version="12", processed_at=T0 + timedelta(hours=1)))
+    h.reply(reply("r1", row_version="11"))
+    h.reply(reply("r1", row_version="12", processed_at=T0 + timedelta(hours=1)))
+    assert h.judge(passes=2) == {DOUBLE_APPLICATION}
+
+
+def test_replies_without_requests_depend_on_what_the_audit_can_see() -> None:
+    h = History()
+    h.reply(reply("ghost"))
+    h.reply(b"not a reply")
+    assert h.judge() == {REPLY_WITHOUT_REQUEST}
+    assert h.auditor.anomaly_counts[REPLY_WITHOUT_REQUEST] == 2
+
+    h = History(complete=False)
+    h.reply(reply("ghost"))
+    assert h.judge() == set()
+    assert h.auditor.counts["replies_unverifiable"] == 1
+
+    h = History(complete=False)  # ledgered, its source outside the audited offsets
+    h.reply(reply("old"))
+    h.ledger_rows.append(entry("old", reply("old"), source_offset=5000))
+    assert h.judge() == set()
+    assert h.auditor.counts["replies_out_of_scope"] == 1
+
+
+def test_bad_input_needs_a_dead_letter_and_good_input_must_not_have_one() -> None:
+    h = History()
+    h.request(None, value=b"not json")
+    bad = h.request("bad", value=b'{"request_id": "bad"}')
+    h.reply(fault("bad", InvalidArgument))
+    assert h.judge() == {UNANSWERED_BAD_INPUT}
+    assert h.auditor.anomaly_counts[UNANSWERED_BAD_INPUT] == 2
+    assert bad.admitted is False
+
+    h = History()
+    rec = h.request("r1")
+    h.ledger(rec, reply("r1"))
+    h.reply(reply("r1"))
+    h.dead_letter(rec)
+    assert h.judge() == {SPURIOUS_DEAD_LETTER}
+
+
+def test_a_ledger_row_must_match_the_request_at_its_source() -> None:
+    h = History()
+    rec = h.request("r1")
+    h.reply(reply("r1"))
+    h.ledger_rows.append(entry("r1", reply("r1"), source_offset=rec.offset))  # other fingerprint
+    assert h.judge() == {LEDGER_MISMATCH}
+
+    h = History()
+    h.request("r1")
+    h.auditor.add_ledger_source("phantom", 0, 0)
+    h.auditor.add_ledger_source("phantom", 0, 77)
+    assert h.auditor.anomaly_counts[LEDGER_MISMATCH] == 2
+
+
+def test_offsets_specs() -> None:
+    assert parse_offsets("0:10-20,1:5-") == {0: (10, 20), 1: (5, None)}
+    assert parse_offsets("-100") == {None: (0, 100)}
+    for bad in ("x", "0:20-10", "5", "-1:0-1"):
+        with pytest.raises(ConfigError):
+            parse_offsets(bad)

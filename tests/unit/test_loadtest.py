@@ -1,0 +1,173 @@
+"""The load test's arithmetic and its invariant checker, without services."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import processor.loadtest as lt
+from processor.config import Settings
+from processor.contract import FaultDetail, Reply, encode_reply
+from processor.errors import ConfigError
+from processor.loadtest import LoadOptions, Observations, check_invariants, percentile
+
+
+def reply(rid: str, status: str = "success", code: int | None = None) -> bytes:
+    fault = None
+    if code is not None:
+        fault = FaultDetail(code=code, name="X", message="m", retryable=True)
+    return encode_reply(
+        Reply(
+            request_id=rid,
+            type="update",
+            entity="counter",
+            id=1,
+            status=status,  # type: ignore[arg-type]
+            processed_at=datetime(2026, 1, 1, tzinfo=UTC),
+            fault=fault,
+        )
+    )
+
+
+def healthy() -> Observations:
+    return Observations(
+        increments=Counter({1: 3, 2: 1}),
+        deleted={10},
+        sent=Counter({"a": 1, "b": 2, "c": 1}),
+        replied={"a", "b", "c"},
+        topic={"a": [reply("a")], "b": [reply("b"), reply("b")], "c": [reply("c")]},
+        topic_read=True,
+    )
+
+
+def broken(
+    seen: Observations, counters: dict[int, int] | None = None, left: set[int] | None = None
+) -> list[str]:
+    checks = check_invariants(
+        seen, counters or {1: 3, 2: 1}, [10, 11], {11} if left is None else left
+    )
+    return [c.name for c in checks if not c.ok]
+
+
+def test_a_healthy_run_breaks_nothing() -> None:
+    assert broken(healthy()) == []
+
+
+def test_a_counter_off_by_one_is_reported_with_the_row() -> None:
+    checks = check_invariants(healthy(), {1: 4, 2: 1}, [10, 11], {11})
+    bad = [c for c in checks if not c.ok]
+    assert [c.name for c in bad] == ["counters == successful increments"]
+    assert "(1, (4, 3))" in bad[0].detail
+
+
+def test_an_accepted_stale_update_is_reported() -> None:
+    seen = healthy()
+    seen.stale_accepted = 1
+    assert broken(seen) == ["no stale update accepted"]
+
+
+def test_deletes_must_match_the_rows_gone() -> None:
+    assert broken(healthy(), left={10, 11}) == ["deleted rows == successful deletes"]
+    assert broken(healthy(), left=set()) == ["deleted rows == successful deletes"]
+
+
+def test_a_request_without_reply_or_an_unsettled_timeout_is_reported() -> None:
+    seen = healthy()
+    seen.replied.discard("c")
+    assert broken(seen) == ["replies == requests"]
+    seen = healthy()
+    seen.unsettled = 1
+    assert broken(seen) == ["replies == requests"]
+
+
+def test_the_reply_topic_must_hold_one_identical_reply_per_send() -> None:
+    topic = "reply topic: one reply per send, none missing, copies identical"
+    seen = healthy()
+    seen.topic["a"].append(reply("a"))  # sent once, replied twice
+    assert broken(seen) == [topic]
+    seen = healthy()
+    del seen.topic["c"]
+    assert broken(seen) == [topic]
+    seen = healthy()
+    seen.topic["b"][1] = reply("b", "fault", -2147088254)  # the resend's reply differs
+    assert broken(seen) == [topic]
+    seen = healthy()  # UnExpected is not ledgered: a resend may be answered differently
+    seen.topic["b"][0] = reply("b", "fault", -2147220970)
+    assert broken(seen) == []
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([3.0], 90) == 3.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_skew_zero_is_uniform_and_max_is_one_row() -> None:
+    assert lt.zipf_weights(4, 0) == [1.0] * 4
+    assert lt.zipf_weights(3, math.inf) == [1.0, 0.0, 0.0]
+    weights = lt.zipf_weights(100, 1.0)
+    assert weights[0] / weights[9] == pytest.approx(10)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"duration": 0},
+        {"mode": "both"},
+        {"delete_share": 0.6, "stale_share": 0.6},
+        {"delete_share": 0.1, "delete_rows": 0},
+        {"rows": 0},
+        {"skew": -1.0},
+        {"attempts": 0},
+    ],
+)
+def test_bad_options_are_configuration_errors(changes: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        LoadOptions(**changes).validate()
+
+
+async def test_the_command_exits_1_loudly_when_an_invariant_breaks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result: dict[str, Any] = {
+        "elapsed_s": 1.0,
+        "ops": 1,
+        "requests": 2,
+        "request_ids": 2,
+        "replies": 2,
+        "conflicts": 0,
+        "throughput": {"ops_per_s": 1.0, "requests_per_s": 2.0, "increments_per_s": 1.0},
+        "latency_ms": {"op": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0, "mean": 1.0}},
+        "outcomes": {"increment.ok": 1},
+        "invariants": {
+            "ok": False,
+            "checks": [{"name": "counters == successful increments", "ok": False, "detail": "x"}],
+        },
+        "options": {},
+        "timeline": [],
+        "samples": [],
+    }
+
+    async def fake(settings: Settings, opts: LoadOptions) -> dict[str, Any]:
+        return result
+
+    monkeypatch.setattr(lt, "run_loadtest", fake)
+    parser = argparse.ArgumentParser()
+    lt.add_arguments(parser)
+    args = parser.parse_args(["--json", str(tmp_path / "r.json"), "--no-plot", "--skew", "max"])
+    assert args.skew == math.inf
+    assert await lt.run_from_args(Settings(), args) == 1
+    out = capsys.readouterr()
+    assert "BROKEN counters == successful increments" in out.out
+    assert "LOADTEST FAILED" in out.err
+    assert msgspec.json.decode((tmp_path / "r.json").read_bytes())["invariants"]["ok"] is False
