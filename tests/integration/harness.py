@@ -41,6 +41,7 @@ CREATE TABLE {schema}.item (
     version bigint NOT NULL DEFAULT 1
 );
 CREATE TABLE {schema}.note (id integer PRIMARY KEY, body text);
+CREATE TABLE {schema}.counter (id integer PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
 -- Every write to acct, in commit order per row: proves "applied at most once, in order".
 CREATE TABLE {schema}.acct_log (
     n            bigserial PRIMARY KEY,
@@ -74,6 +75,11 @@ row_version = "version"
 table = "{schema}.note"
 key = "id"
 optimistic_concurrency = false
+
+[entities.counter]
+table = "{schema}.counter"
+key = "id"
+default_behavior = "IfRowVersionMatches"
 """
 
 

@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,16 +40,6 @@ from tests.support import consume_all
 pytestmark = pytest.mark.timeout(600)
 
 MAX_BYTES = "100000"
-
-
-@pytest.fixture
-async def scenario(
-    stack_endpoints: Any, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
-) -> AsyncIterator[Scenario]:
-    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
-    await s.setup(pg)
-    yield s
-    s.stop_all()
 
 
 @dataclass

@@ -8,7 +8,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -34,27 +33,6 @@ from processor.errors import (
 from tests.integration.harness import Scenario
 
 pytestmark = pytest.mark.timeout(300)
-
-COUNTER_SQL = "CREATE TABLE {schema}.counter (id integer PRIMARY KEY, n bigint NOT NULL DEFAULT 0)"
-COUNTER_ENTITY = """
-[entities.counter]
-table = "{schema}.counter"
-key = "id"
-default_behavior = "IfRowVersionMatches"
-"""
-
-
-@pytest.fixture
-async def scenario(
-    stack_endpoints: Any, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
-) -> AsyncIterator[Scenario]:
-    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
-    await s.setup(pg)
-    await pg.execute(COUNTER_SQL.format(schema=db_schema))
-    with (tmp_path / "entities.toml").open("a") as registry:
-        registry.write(COUNTER_ENTITY.format(schema=db_schema))
-    yield s
-    s.stop_all()
 
 
 @pytest.fixture

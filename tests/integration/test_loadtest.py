@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,8 @@ from processor.config import Settings
 from processor.loadtest import LoadOptions, run_loadtest, summary, write_plot
 from processor.registry import Entity, quote
 from tests.integration.harness import Scenario
-from tests.integration.test_client import COUNTER_ENTITY, COUNTER_SQL
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-async def scenario(
-    stack_endpoints: Any, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
-) -> AsyncIterator[Scenario]:
-    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
-    await s.setup(pg)
-    await pg.execute(COUNTER_SQL.format(schema=db_schema))
-    with (tmp_path / "entities.toml").open("a") as registry:
-        registry.write(COUNTER_ENTITY.format(schema=db_schema))
-    yield s
-    s.stop_all()
 
 
 def short(**changes: Any) -> LoadOptions:

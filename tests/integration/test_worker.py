@@ -6,9 +6,7 @@ import asyncio
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,16 +16,6 @@ import pytest
 from tests.integration.harness import DEAD, Raw, Scenario, check_exactly_once, updates
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-async def scenario(
-    stack_endpoints: Any, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
-) -> AsyncIterator[Scenario]:
-    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
-    await s.setup(pg)
-    yield s
-    s.stop_all()
 
 
 async def test_every_outcome_kind_arrives_on_the_reply_topic(

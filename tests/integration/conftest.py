@@ -1,0 +1,24 @@
+"""Fixtures of the integration tests that run real workers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import Endpoints
+from tests.integration.harness import Scenario
+
+
+@pytest.fixture
+async def scenario(
+    stack_endpoints: Endpoints, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
+) -> AsyncIterator[Scenario]:
+    """Uuid topics, a group, the test's schema (tables + ledger) and registry; workers
+    started through it are killed at the end."""
+    s = Scenario(stack_endpoints.kafka_bootstrap, stack_endpoints.database_url, db_schema, tmp_path)
+    await s.setup(pg)
+    yield s
+    s.stop_all()
