@@ -53,17 +53,33 @@ EntityName: TypeAlias = Annotated[
     str,
     Meta(min_length=1, max_length=63, pattern=_NO_NUL, description="The entity's logical name."),
 ]
+#: The ledger indexes (entity, record_id) in a btree, whose entries hold at most 2704 bytes:
+#: a longer id failed the whole batch's ledger INSERT. Keys are integers of at most bigint,
+#: or strings of at most 256 characters (1024 bytes of UTF-8).
+MAX_ID_LENGTH: Final = 256
 RecordId: TypeAlias = Annotated[
-    Annotated[str, Meta(pattern=_NO_NUL)] | int,
+    Annotated[str, Meta(max_length=MAX_ID_LENGTH, pattern=_NO_NUL)]
+    | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)],
     Meta(description="Primary key value: string or integer per the entity's key."),
 ]
 RowVersion: TypeAlias = Annotated[
     str, Meta(max_length=40, description="Opaque version token from a reply or retrieve.")
 ]
 TopicName: TypeAlias = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+#: The same, for ``fullmatch``: msgspec checks a pattern with ``re.search``, where ``$`` also
+#: matches before a final newline ("replies\n"); in the published (ECMA-262) pattern it
+#: does not. decode_request checks reply_to again with this.
+_TOPIC_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: How deep an attribute value may nest arrays and objects. msgspec bounds nesting only by
+#: the interpreter's recursion limit, which depends on the caller's stack: a value that
+#: decoded in intake could fail to encode hundreds of frames deeper, in the engine.
+MAX_NESTING: Final = 64
 Attributes: TypeAlias = Annotated[
     dict[Annotated[str, Meta(max_length=63)], Any],
-    Meta(description="Column name -> JSON value.", max_length=1000),
+    Meta(
+        description=f"Column name -> JSON value (arrays and objects nest at most {MAX_NESTING}).",
+        max_length=1000,
+    ),
 ]
 Behavior: TypeAlias = Literal["Default", "IfRowVersionMatches", "AlwaysOverwrite"]
 BehaviorWire: TypeAlias = Annotated[
@@ -215,9 +231,41 @@ def decode_request(data: bytes) -> Request:
         raise fault from exc
     except msgspec.DecodeError as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:  # msgspec's for invalid UTF-8 inside a string
+        raise InvalidArgument(f"malformed JSON: a string is not UTF-8 ({exc.reason})") from exc
     except RecursionError as exc:  # msgspec bounds nesting by the interpreter's limit
         raise InvalidArgument("malformed JSON: nested too deeply") from exc
+    if request.reply_to is not None and not _TOPIC_RE.fullmatch(request.reply_to):
+        fault = InvalidArgument(f"invalid request: reply_to {request.reply_to!r} is not a topic")
+        fault.path = "reply_to"
+        raise fault
+    if isinstance(request, UpdateRequest):
+        _check_nesting(request.attributes, "attributes")
+        for n, rel in enumerate(request.related):
+            _check_nesting(rel.attributes, f"related[{n}].attributes")
     return request
+
+
+def _check_nesting(attributes: dict[str, Any], path: str) -> None:
+    for name, value in attributes.items():
+        if isinstance(value, dict | list) and _nested_deeper(value, MAX_NESTING):
+            fault = InvalidArgument(
+                f"invalid request: value nested too deeply (over {MAX_NESTING} levels)"
+            )
+            fault.path = f"{path}.{name}"
+            raise fault
+
+
+def _nested_deeper(value: dict[str, Any] | list[Any], limit: int) -> bool:
+    """True when arrays and objects nest more than ``limit`` deep in ``value`` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 class Salvage(Struct, frozen=True):
@@ -239,7 +287,6 @@ class _Loose(Struct):
 
 
 _loose_decoder: Final = msgspec.json.Decoder(_Loose)
-_TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 def salvage(data: bytes) -> Salvage:
@@ -250,7 +297,7 @@ def salvage(data: bytes) -> Salvage:
     """
     try:
         loose = _loose_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return Salvage()
 
     def text(value: Any, limit: int) -> str | None:

@@ -97,7 +97,7 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
         # Not decoded at all: a request_id header is the only way to address a reply.
         fault: Fault = RequestTooLarge(f"message of {len(value)} bytes is over {max_bytes}")
         rid = _header(message.headers, "request_id")
-        rid = rid if rid and len(rid) <= 128 else None
+        rid = rid if rid and len(rid) <= 128 and "\x00" not in rid else None
         return _rejected(message, fault, rid, None, None, None, None, now)
     if value is None:
         fault = InvalidArgument("message has no value (a tombstone)")
