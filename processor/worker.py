@@ -242,9 +242,7 @@ class Worker:
         self.metrics.batch_size.observe(total)
         admitted: list[tuple[Message, Envelope | Rejected]] = []
         for records in owned.values():
-            admitted.extend(
-                (r, admit(r, max_bytes=self.settings.max_message_bytes, now=now)) for r in records
-            )
+            admitted.extend((r, self._admit(r, now)) for r in records)
         admitted = await self._check_reply_topics(admitted, now)
 
         lanes: list[list[tuple[Message, Envelope]]] = [[] for _ in range(self.settings.lanes)]
@@ -333,6 +331,14 @@ class Worker:
         self.metrics.in_flight.set(0)
         self.batches += 1
         log.debug("batch committed", records=total, partitions=sorted(tp.partition for tp in owned))
+
+    def _admit(self, message: Message, now: datetime) -> Envelope | Rejected:
+        try:
+            return admit(message, max_bytes=self.settings.max_message_bytes, now=now)
+        except Exception as exc:  # admit() is built never to raise: this is the last guard
+            log.exception("intake failed", partition=message.partition, offset=message.offset)
+            fault = InvalidArgument(f"undecodable message ({type(exc).__name__})")
+            return Rejected(message, fault, None, None, None)
 
     def _count(self, type_: str | None, status: str, code: int | None) -> None:
         self.metrics.requests.labels(type_ or "unknown", status, str(code or "")).inc()

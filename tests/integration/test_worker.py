@@ -164,6 +164,7 @@ async def test_poison_messages_are_dead_lettered_and_the_stream_continues(
         Raw(b'{"type":"delete","request_id":"p2","entity":"acct\\";drop table x;--","id":1}'),
         Raw(b'{"type":"delete","request_id":"p3","entity":"acct","id":1,"reply_to":"no-such"}'),
         Raw(b"{" * 100_000),
+        Raw(b'{"type":"delete","request_id":"\x80","entity":"acct","id":1}'),  # bad UTF-8
     ]
     stream: list[dict[str, Any] | Raw] = []
     for i, g in enumerate(good):
@@ -176,8 +177,8 @@ async def test_poison_messages_are_dead_lettered_and_the_stream_continues(
     replies = await scenario.replies(expect=len(good) + 3)
     good_replies = [r for r in replies if r.request_id.startswith(scenario.run)]
     await check_exactly_once(pg, scenario.schema, good_replies, good)
-    dead = await scenario.read_all(scenario.dlq_topic, expect=9)
-    assert len(dead) == 9
+    dead = await scenario.read_all(scenario.dlq_topic, expect=10)
+    assert len(dead) == 10
     letters = [DEAD.decode(d.value) for d in dead]
     assert all(letter.source_topic == scenario.request_topic for letter in letters)
     assert any("reply_to" in letter.error for letter in letters)
