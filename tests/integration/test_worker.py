@@ -300,3 +300,25 @@ async def test_metrics_health_and_traceparent_are_exposed(
     assert "processor_request_latency_seconds_bucket" in text
     assert "processor_batch_size_count" in text
     assert "processor_assigned_partitions 4.0" in text
+
+
+async def test_a_zombie_worker_paused_past_its_session_is_fenced(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """SIGSTOP a worker mid-stream past its session timeout, let another take over, then
+    SIGCONT it: whatever it held (a batch, an open transaction) is fenced or redone from the
+    ledger; one reply each, applied once. (Whether it was mid-commit when paused is up to
+    timing; the per-partition fencing itself is what lets this hold either way.)"""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 30)")
+    requests = updates(range(1, 31), 40, scenario.run)
+    zombie = scenario.start_worker()
+    scenario.start_worker()
+    sender = asyncio.create_task(scenario.send(requests, rate=300))
+    await asyncio.sleep(2.0)
+    zombie.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(15.0)  # session_timeout_ms is 10 s: the group moves on without it
+    zombie.send_signal(signal.SIGCONT)
+    await sender
+    replies = await scenario.replies(expect=len(requests), timeout=180)
+    await check_exactly_once(pg, scenario.schema, replies, requests)
+    assert zombie.poll() is None, "the woken zombie must rejoin, not crash:\n" + scenario.logs()
