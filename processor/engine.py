@@ -496,8 +496,8 @@ class Engine:
         self._record(job.envelope, outcome, batch, writes)
         return outcome
 
-    def _fault_outcome(
-        self, env: Envelope, fault: Fault, batch: _Batch, behavior: Behavior | None
+    def _fault_reply(
+        self, env: Envelope, fault: Fault, now: datetime, behavior: Behavior | None
     ) -> Outcome:
         req = env.request
         reply = Reply(
@@ -506,11 +506,16 @@ class Engine:
             entity=req.entity,
             id=req.id,
             status="fault",
-            processed_at=batch.now,
+            processed_at=now,
             behavior_applied=behavior,
             fault=fault_detail(fault),
         )
-        outcome = Outcome(reply, encode_reply(reply), dead_letter=fault.dead_letter)
+        return Outcome(reply, encode_reply(reply), dead_letter=fault.dead_letter)
+
+    def _fault_outcome(
+        self, env: Envelope, fault: Fault, batch: _Batch, behavior: Behavior | None
+    ) -> Outcome:
+        outcome = self._fault_reply(env, fault, batch.now, behavior)
         # A retryable internal error is not the request's final outcome: a resend retries.
         if not isinstance(fault, UnexpectedError):
             self._record(env, outcome, batch, None)
@@ -519,24 +524,14 @@ class Engine:
     def unexpected(self, env: Envelope, exc: BaseException) -> Outcome:
         """The outcome for a request the processor failed on: retryable, not ledgered."""
         fault = UnexpectedError(f"internal error: {type(exc).__name__}")
-        batch = _Batch(now=self._clock(), outcomes=[])
-        return self._fault_outcome(env, fault, batch, self._resolved_behavior(env.request))
+        return self._fault_reply(env, fault, self._clock(), self._resolved_behavior(env.request))
 
     def _duplicate(self, env: Envelope, now: datetime) -> Outcome:
-        req = env.request
+        """Not ledgered: the request_id belongs to the first request, whose outcome stands."""
         fault = DuplicateRequest(
-            f"request_id {_shown(req.request_id)} was already used for a different request"
+            f"request_id {_shown(env.request.request_id)} was already used for a different request"
         )
-        reply = Reply(
-            request_id=req.request_id,
-            type=req.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=req.entity,
-            id=req.id,
-            status="fault",
-            processed_at=now,
-            fault=fault_detail(fault),
-        )
-        return Outcome(reply, encode_reply(reply), dead_letter=True)
+        return self._fault_reply(env, fault, now, None)
 
     def _record(self, env: Envelope, outcome: Outcome, batch: _Batch, writes: str | None) -> None:
         reply, src = outcome.reply, env.source

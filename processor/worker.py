@@ -106,7 +106,6 @@ class Worker:
         self._topics_checked_at = 0.0
         self._last_poll = 0.0
         self._stop = asyncio.Event()
-        self.batches = 0
 
     @property
     def bootstrap(self) -> str:
@@ -329,7 +328,6 @@ class Worker:
                 if high is not None:
                     self.metrics.lag.labels(str(tp.partition)).set(high - records[-1].offset - 1)
         self.metrics.in_flight.set(0)
-        self.batches += 1
         log.debug("batch committed", records=total, partitions=sorted(tp.partition for tp in owned))
 
     def _admit(self, message: Message, now: datetime) -> Envelope | Rejected:
