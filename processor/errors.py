@@ -25,13 +25,14 @@ live in 0x80FF0000-0x80FFFFFF, a block Dataverse does not use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Final
 
 if TYPE_CHECKING:
     from processor.contract import Reply, Request
 
 __all__ = [
     "FAULT_TYPES",
+    "MAX_FAULT_MESSAGE",
     "AttributeNotFound",
     "ConcurrencyVersionMismatch",
     "ConcurrencyVersionNotProvided",
@@ -48,6 +49,7 @@ __all__ = [
     "RequestTooLarge",
     "TransientError",
     "UnexpectedError",
+    "bounded",
 ]
 
 
@@ -80,6 +82,28 @@ class ReplyTimeout(ProcessorError):
         self.timeout = timeout
 
 
+#: Longest fault message: replies and dead letters carry it, and it may quote the input.
+MAX_FAULT_MESSAGE: Final = 512
+
+
+def bounded(text: str, limit: int = MAX_FAULT_MESSAGE) -> str:
+    """``text`` with control characters escaped (``\\x1b``), cut to ``limit`` characters.
+
+    Fault messages quote what was wrong (an unknown field's name, a bad value): a hostile
+    request must not put megabytes, or terminal escapes, into replies, dead letters, logs.
+    """
+    if text.isprintable() and len(text) <= limit:
+        return text
+    escaped = "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+        for c in text[: limit + 1]
+    )
+    if len(text) > limit or len(escaped) > limit:
+        marker = f"... ({len(text)} characters)"
+        return escaped[: limit - len(marker)] + marker
+    return escaped
+
+
 class Fault(ProcessorError):
     """A request's outcome is a fault reply: subclasses fix ``code`` and ``name``."""
 
@@ -101,6 +125,7 @@ class Fault(ProcessorError):
         current_version: str | None = None,
         path: str | None = None,
     ) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         self.expected_version = expected_version

@@ -12,6 +12,7 @@ import pytest
 
 from processor.contract import DeadLetter, Reply
 from processor.engine import Envelope, Outcome
+from processor.errors import MAX_FAULT_MESSAGE, bounded
 from processor.intake import DEAD_LETTER_PREFIX, Rejected, admit, outcome_records, rejected_records
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -91,3 +92,40 @@ def test_a_reply_goes_to_reply_to_with_request_id_and_traceparent_headers() -> N
     assert out[0].topic == "mine"
     assert out[0].key == b"acct:1"
     assert out[0].headers == [("request_id", b"r1"), ("traceparent", b"00-abc-def-01")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # an unknown field whose name is 100,000 characters: msgspec quotes it
+        b'{"type":"update","request_id":"r9","entity":"acct","id":1,"attributes":{"a":1},"'
+        + b"x" * 100_000
+        + b'":1}',
+        # terminal escapes and newlines quoted back in the message
+        b'{"type":"update","request_id":"r9","entity":"acct","id":1,"attributes":{"a":1},'
+        b'"\\u001b[31m\\n":1}',
+    ],
+)
+def test_a_fault_message_quoting_hostile_input_is_bounded_and_escaped(value: bytes) -> None:
+    """Replies and dead letters carry at most MAX_FAULT_MESSAGE characters of the fault's
+    message, with control characters escaped: the input never reaches them raw."""
+    item = admit(Msg(value), max_bytes=1_000_000, now=NOW)
+    assert isinstance(item, Rejected)
+    records = rejected_records(item, reply_topic="replies", dlq_topic="dlq", now=NOW)
+    reply = msgspec.json.decode(records[0].value, type=Reply)
+    assert reply.fault is not None
+    message = reply.fault.message
+    assert len(message) <= MAX_FAULT_MESSAGE
+    assert message.isprintable()
+    assert "unknown field" in message
+    dead = msgspec.json.decode(records[1].value, type=DeadLetter)
+    assert len(dead.error) <= MAX_FAULT_MESSAGE + 40  # "<FaultName>: " + the message
+    assert dead.error.isprintable()
+
+
+def test_bounded_keeps_printable_text_and_marks_what_it_cut() -> None:
+    assert bounded("row é changed") == "row é changed"
+    assert bounded("a\x1bb\n") == "a\\x1bb\\x0a"
+    cut = bounded("y" * 10_000)
+    assert len(cut) == MAX_FAULT_MESSAGE
+    assert cut.endswith("... (10000 characters)")
