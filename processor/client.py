@@ -7,6 +7,10 @@
         await client.update("counter", 1, {"n": 2}, row_version=row.row_version)
         await client.read_modify_write("counter", 1, lambda a: {"n": a["n"] + 1})
 
+The first argument is a bootstrap list (plaintext) or a :class:`~processor.kafka.KafkaAccess`
+(TLS, SASL), e.g. ``Settings.from_env(os.environ).kafka_access()``: the same
+``KAFKA_*`` variables as the workers (docs/security-kafka.md).
+
 Each call returns the success :class:`~processor.contract.Reply` or raises the fault's
 type from :mod:`processor.errors` (``FAULT_TYPES[code]``, with ``expected_version``,
 ``current_version``, ``path`` and the reply as ``exc.reply``); a code this version does not
@@ -36,7 +40,7 @@ from typing import Any, Final, Self, TypeAlias
 
 import msgspec
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from processor import kafka
 from processor.contract import (
@@ -106,7 +110,7 @@ class Client:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: str | kafka.KafkaAccess,
         *,
         request_topic: str = "requests",
         reply_topic: str = "replies",
@@ -115,7 +119,11 @@ class Client:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
-        self.bootstrap = bootstrap
+        #: How the client reaches the brokers (a plain string: PLAINTEXT to that list).
+        self.access = (
+            bootstrap if isinstance(bootstrap, kafka.KafkaAccess) else kafka.KafkaAccess(bootstrap)
+        )
+        self.bootstrap = self.access.bootstrap
         self.request_topic = request_topic
         self.reply_topic = reply_topic
         self.timeout = timeout
@@ -155,8 +163,8 @@ class Client:
         """
         if self._producer is not None:
             raise RuntimeError("client already started")
-        producer = kafka.make_producer(self.bootstrap)
-        consumer = kafka.make_consumer(self.bootstrap, None, auto_offset_reset="latest")
+        producer = kafka.make_producer(self.access)
+        consumer = kafka.make_consumer(self.access, None, auto_offset_reset="latest")
         try:
             await asyncio.wait_for(producer.start(), kafka.CALL_TIMEOUT)
             await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
@@ -170,6 +178,9 @@ class Client:
             positions = {
                 tp: await asyncio.wait_for(consumer.position(tp), kafka.CALL_TIMEOUT) for tp in tps
             }
+        except KafkaConnectionError as exc:  # aiokafka logs the cause, raises "Unable to ..."
+            await _stop(producer, consumer)
+            raise await kafka.explain_unreachable(self.access, exc) from exc
         except BaseException:
             await _stop(producer, consumer)
             raise

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs
 
 from processor.errors import ConfigError
 
-__all__ = ["ENV_VARS", "SETTINGS", "Setting", "Settings"]
+if TYPE_CHECKING:
+    from processor.kafka import KafkaAccess
+
+__all__ = ["ENV_VARS", "SETTINGS", "Secret", "Setting", "Settings"]
 
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _IDENT_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -54,10 +58,151 @@ def _port(value: str) -> int:
     return number
 
 
+#: libpq's sslmode values, all of which asyncpg implements (verify-full: CA and host name).
+SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SECRET_PARAM: Final = re.compile(r"(?i)(^|&)((?:ssl)?password)=[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (in the user info or a ``password=`` parameter) hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<not a URL: hidden>"
+    head, question, query = rest.partition("?")
+    at = head.rfind("@")
+    if at >= 0:
+        user, colon, _ = head[:at].partition(":")
+        head = user + (":***" if colon else "") + head[at:]
+    if question:
+        query = _SECRET_PARAM.sub(r"\1\2=***", query)
+    return f"{scheme}://{head}{question}{query}"
+
+
 def _url(value: str) -> str:
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql:// URL")
+    query = value.partition("?")[2].partition("#")[0]
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError("its query string is not name=value pairs joined by '&'") from None
+    for mode in params.get("sslmode", []):
+        if mode not in SSLMODES:
+            raise ValueError(f"sslmode={mode[:40]!r} is not one of {', '.join(SSLMODES)}")
     return value
+
+
+def _millis(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 2_147_483_647:
+        raise ValueError("must be milliseconds, 0-2147483647 (0: no timeout)")
+    return number
+
+
+# --- Kafka security (SASL, TLS) ------------------------------------------------------------
+
+#: KAFKA_SECURITY_PROTOCOL values (aiokafka's ``security_protocol``).
+SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: KAFKA_SASL_MECHANISM values. SCRAM: the password itself never crosses the wire.
+SASL_MECHANISMS: Final = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+#: The optional Kafka security options, by the env var that sets each.
+_KAFKA_SECURITY_VARS: Final = {
+    "sasl_mechanism": "KAFKA_SASL_MECHANISM",
+    "sasl_username": "KAFKA_SASL_USERNAME",
+    "sasl_password_file": "KAFKA_SASL_PASSWORD_FILE",
+    "sasl_password": "KAFKA_SASL_PASSWORD",
+    "ssl_cafile": "KAFKA_SSL_CAFILE",
+    "ssl_certfile": "KAFKA_SSL_CERTFILE",
+    "ssl_keyfile": "KAFKA_SSL_KEYFILE",
+    "ssl_key_password_file": "KAFKA_SSL_KEY_PASSWORD_FILE",
+}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Secret:
+    """A password: ``repr()`` and ``str()`` show ``***``; :meth:`reveal` gives the value."""
+
+    _value: str
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.upper() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value.upper()
+
+    return parse
+
+
+def _file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError("not a regular file" if path.exists() else "no such file")
+    return path
+
+
+def read_secret_file(path: Path, env: str) -> Secret:
+    """The secret in ``path`` (one trailing newline dropped); errors name ``env``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{env}={str(path)!r}: cannot read it ({reason})") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    if not value:
+        raise ConfigError(f"{env}={str(path)!r}: the file is empty")
+    return Secret(value)
+
+
+def kafka_security_problem(protocol: str, **options: object) -> str | None:
+    """What is wrong with a combination of Kafka security options, naming the env vars.
+
+    ``options`` are the keys of ``_KAFKA_SECURITY_VARS``; None means not given.
+    """
+    if protocol not in SECURITY_PROTOCOLS:
+        known = ", ".join(SECURITY_PROTOCOLS)
+        return f"KAFKA_SECURITY_PROTOCOL={protocol!r}: must be one of {known}"
+    given = {_KAFKA_SECURITY_VARS[name] for name, value in options.items() if value is not None}
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    for needs, applies, what in ((sasl, "KAFKA_SASL_", "SASL"), (tls, "KAFKA_SSL_", "TLS")):
+        stray = sorted(v for v in given if v.startswith(applies))
+        if stray and not needs:
+            return (
+                f"{', '.join(stray)} set, but KAFKA_SECURITY_PROTOCOL={protocol} uses no {what}: "
+                f"set KAFKA_SECURITY_PROTOCOL (SSL, SASL_SSL or SASL_PLAINTEXT) or unset them"
+            )
+    mechanism = options.get("sasl_mechanism")
+    if mechanism is not None and mechanism not in SASL_MECHANISMS:
+        return f"KAFKA_SASL_MECHANISM={mechanism!r}: must be one of {', '.join(SASL_MECHANISMS)}"
+    if sasl:
+        if "KAFKA_SASL_MECHANISM" not in given:
+            return (
+                f"KAFKA_SASL_MECHANISM is required with KAFKA_SECURITY_PROTOCOL={protocol}: "
+                f"one of {', '.join(SASL_MECHANISMS)}"
+            )
+        if "KAFKA_SASL_USERNAME" not in given:
+            return f"KAFKA_SASL_USERNAME is required with KAFKA_SECURITY_PROTOCOL={protocol}"
+        passwords = {"KAFKA_SASL_PASSWORD_FILE", "KAFKA_SASL_PASSWORD"} & given
+        if not passwords:
+            return (
+                "KAFKA_SASL_PASSWORD_FILE (preferred) or KAFKA_SASL_PASSWORD is required with "
+                f"KAFKA_SECURITY_PROTOCOL={protocol}"
+            )
+        if len(passwords) > 1:
+            return "set KAFKA_SASL_PASSWORD_FILE (preferred) or KAFKA_SASL_PASSWORD, not both"
+    for var in ("KAFKA_SSL_KEYFILE", "KAFKA_SSL_KEY_PASSWORD_FILE"):
+        if var in given and "KAFKA_SSL_CERTFILE" not in given:
+            return f"{var} needs KAFKA_SSL_CERTFILE (the client certificate)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +220,74 @@ class Setting:
 
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("kafka_bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS", str, "Kafka host:port list"),
+    Setting(
+        "kafka_security_protocol",
+        "KAFKA_SECURITY_PROTOCOL",
+        _choice(SECURITY_PROTOCOLS),
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    ),
+    Setting(
+        "kafka_sasl_mechanism",
+        "KAFKA_SASL_MECHANISM",
+        _choice(SASL_MECHANISMS),
+        "SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN (SASL_* protocols)",
+    ),
+    Setting("kafka_sasl_username", "KAFKA_SASL_USERNAME", str, "SASL user name"),
+    Setting(
+        "kafka_sasl_password_file",
+        "KAFKA_SASL_PASSWORD_FILE",
+        _file,
+        "file holding the SASL password (preferred over KAFKA_SASL_PASSWORD)",
+    ),
+    Setting(
+        "kafka_sasl_password",
+        "KAFKA_SASL_PASSWORD",
+        Secret,
+        "SASL password (prefer KAFKA_SASL_PASSWORD_FILE: a flag shows in `ps`)",
+    ),
+    Setting(
+        "kafka_ssl_cafile",
+        "KAFKA_SSL_CAFILE",
+        _file,
+        "PEM CA certificates that verify the brokers (default: the system's)",
+    ),
+    Setting(
+        "kafka_ssl_certfile",
+        "KAFKA_SSL_CERTFILE",
+        _file,
+        "PEM client certificate (chain) for mutual TLS",
+    ),
+    Setting(
+        "kafka_ssl_keyfile",
+        "KAFKA_SSL_KEYFILE",
+        _file,
+        "PEM private key of the client certificate (default: in KAFKA_SSL_CERTFILE)",
+    ),
+    Setting(
+        "kafka_ssl_key_password_file",
+        "KAFKA_SSL_KEY_PASSWORD_FILE",
+        _file,
+        "file holding the password of an encrypted KAFKA_SSL_KEYFILE",
+    ),
     Setting("database_url", "DATABASE_URL", _url, "PostgreSQL URL"),
+    Setting(
+        "db_statement_timeout_ms",
+        "PROCESSOR_DB_STATEMENT_TIMEOUT_MS",
+        _millis,
+        "statement_timeout of the worker's sessions, ms (0: none)",
+    ),
+    Setting(
+        "db_lock_timeout_ms",
+        "PROCESSOR_DB_LOCK_TIMEOUT_MS",
+        _millis,
+        "lock_timeout of the worker's sessions, ms (0: none)",
+    ),
+    Setting(
+        "db_idle_in_transaction_timeout_ms",
+        "PROCESSOR_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        _millis,
+        "idle_in_transaction_session_timeout of the worker's sessions, ms (0: none)",
+    ),
     Setting("request_topic", "PROCESSOR_REQUEST_TOPIC", _topic, "topic the requests arrive on"),
     Setting("reply_topic", "PROCESSOR_REPLY_TOPIC", _topic, "default topic for replies"),
     Setting("dlq_topic", "PROCESSOR_DLQ_TOPIC", _topic, "dead-letter topic"),
@@ -102,7 +314,19 @@ class Settings:
     """The processor's configuration; build it with :meth:`from_env`."""
 
     kafka_bootstrap_servers: str | None = None
-    database_url: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_sasl_password: Secret | None = field(default=None, repr=False)
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_key_password_file: Path | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    db_statement_timeout_ms: int = 30_000
+    db_lock_timeout_ms: int = 10_000
+    db_idle_in_transaction_timeout_ms: int = 60_000
     request_topic: str = "requests"
     reply_topic: str = "replies"
     dlq_topic: str = "requests.dlq"
@@ -136,10 +360,50 @@ class Settings:
             try:
                 values[setting.name] = setting.parse(raw.strip())
             except ValueError as exc:
-                raise ConfigError(f"{origin}={raw[:200]!r}: {exc}") from None
+                shown = redact_url(raw) if setting.name == "database_url" else raw
+                raise ConfigError(f"{origin}={shown[:200]!r}: {exc}") from None
         if values.get("log_level", "info") not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"PROCESSOR_LOG_LEVEL={values['log_level']!r}: unknown level")
-        return cls(**values)
+        settings = cls(**values)
+        problem = settings._kafka_security_problem()
+        if problem is not None:
+            raise ConfigError(problem)
+        return settings
+
+    def _kafka_security_problem(self) -> str | None:
+        return kafka_security_problem(
+            self.kafka_security_protocol,
+            **{name: getattr(self, f"kafka_{name}") for name in _KAFKA_SECURITY_VARS},
+        )
+
+    def kafka_access(self) -> KafkaAccess:
+        """How every Kafka client of the processor reaches the brokers (bootstrap, security).
+
+        Reads the password files (a :class:`ConfigError` names the variable).
+        """
+        from processor.kafka import KafkaAccess
+
+        self.require("kafka_bootstrap_servers")
+        assert self.kafka_bootstrap_servers is not None
+        password = self.kafka_sasl_password
+        if self.kafka_sasl_password_file is not None:
+            password = read_secret_file(self.kafka_sasl_password_file, "KAFKA_SASL_PASSWORD_FILE")
+        key_password = None
+        if self.kafka_ssl_key_password_file is not None:
+            key_password = read_secret_file(
+                self.kafka_ssl_key_password_file, "KAFKA_SSL_KEY_PASSWORD_FILE"
+            )
+        return KafkaAccess(
+            self.kafka_bootstrap_servers,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=password,
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+            ssl_key_password=key_password,
+        )
 
     def require(self, *names: str) -> None:
         """Fail with the env var names of required settings that are missing."""

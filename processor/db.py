@@ -1,13 +1,139 @@
-"""Database types shared by the modules that talk to PostgreSQL."""
+"""Database types and connections shared by the modules that talk to PostgreSQL.
+
+``DATABASE_URL`` goes to asyncpg unchanged, so every libpq parameter asyncpg implements
+works as is: ``sslmode`` (``verify-full`` checks the server's certificate against
+``sslrootcert`` *and* the host name against its names), ``sslrootcert``, ``sslcert``,
+``sslkey``, ``sslpassword``, ``sslcrl``, and the ``PGSSL*`` environment variables. The URL
+may hold a password: it is never logged, and errors show it redacted.
+"""
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import ssl
+from typing import Any, Final, TypeAlias
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["Connection"]
+from processor.config import Settings, redact_url
+from processor.errors import ProcessorError
 
-#: A connection of its own or one lent by a pool.
+__all__ = ["APPLICATION_NAME", "Connection", "connect", "create_pool", "session_settings"]
+
+#: Connection: a connection of its own or one lent by a pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+#: ``application_name`` of the processor's sessions (pg_stat_activity).
+APPLICATION_NAME: Final = "processor"
+
+#: What a failed connection attempt can raise: socket and TLS errors (OSError, including
+#: ssl.SSLCertVerificationError), server refusals, timeouts, and asyncpg's own
+#: configuration errors (a bad sslmode, a missing sslrootcert, an unparsable URL).
+_CONNECT_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    ValueError,
+)
+
+
+def session_settings(settings: Settings) -> dict[str, str]:
+    """Server settings of the worker's sessions: its name and the three timeouts (ms).
+
+    A stuck lock, a runaway statement or an abandoned transaction must not hold a key
+    (and a lane) forever; the errors they raise are transient (engine.is_transient), so
+    the batch is retried and, past the retry budget, redone from Kafka.
+    """
+    return {
+        "application_name": APPLICATION_NAME,
+        "statement_timeout": str(settings.db_statement_timeout_ms),
+        "lock_timeout": str(settings.db_lock_timeout_ms),
+        "idle_in_transaction_session_timeout": str(settings.db_idle_in_transaction_timeout_ms),
+    }
+
+
+def _command_timeout(settings: Settings) -> float:
+    # The client-side guard stays behind the server's statement_timeout, so the server's
+    # clean query_canceled (57014) normally comes first.
+    return max(60.0, settings.db_statement_timeout_ms / 1000 + 10)
+
+
+def describe_connect_error(url: str, exc: BaseException) -> str:
+    """One line saying why connecting failed, without the password."""
+    parts = urlsplit(url)
+    try:
+        where = f"{parts.hostname or 'the default host'}:{parts.port or 5432}"
+    except ValueError:
+        where = "the host in DATABASE_URL"
+    modes = parse_qs(parts.query).get("sslmode", [])
+    mode = modes[-1] if modes else "prefer"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        must = "be signed by the CA in sslrootcert"
+        if mode == "verify-full":
+            must += " and name the host connected to (subjectAltName DNS or IP)"
+        reason = (
+            f"the server's TLS certificate was rejected ({exc.verify_message}): with "
+            f"sslmode={mode} it must {must}"
+        )
+    elif isinstance(exc, ssl.SSLError):
+        reason = f"TLS failed (sslmode={mode}): {exc}"
+    elif isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+        reason = (
+            f"cannot read a TLS file named in DATABASE_URL (sslrootcert, sslcert, sslkey) or "
+            f"the PGSSL* variables: {exc.strerror or exc}"
+        )
+    else:
+        reason = f"{type(exc).__name__}: {exc}".strip()
+    text = f"cannot connect to PostgreSQL at {where} (DATABASE_URL={redact_url(url)}): {reason}"
+    password = parts.password
+    if password:  # belt and braces: no error text may echo it
+        for secret in {password, unquote(password)}:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _url(settings: Settings) -> str:
+    settings.require("database_url")
+    assert settings.database_url is not None
+    return settings.database_url
+
+
+async def connect(settings: Settings, *, timeouts: bool = False) -> asyncpg.Connection[Any]:
+    """One connection to DATABASE_URL; with ``timeouts``, the worker's session settings."""
+    url = _url(settings)
+    server_settings = (
+        session_settings(settings) if timeouts else {"application_name": APPLICATION_NAME}
+    )
+    try:
+        return await asyncpg.connect(
+            url,
+            timeout=30,
+            command_timeout=_command_timeout(settings) if timeouts else None,
+            server_settings=server_settings,
+        )
+    except _CONNECT_ERRORS as exc:
+        raise ProcessorError(describe_connect_error(url, exc)) from exc
+
+
+async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]:
+    """The worker's pool: every connection gets :func:`session_settings`.
+
+    It opens one connection before returning, so a wrong URL, a refused login or a TLS
+    certificate that fails verification stops the worker at start with one clear line.
+    """
+    url = _url(settings)
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            command_timeout=_command_timeout(settings),
+            timeout=30,
+            server_settings=session_settings(settings),
+        )
+    except _CONNECT_ERRORS as exc:
+        raise ProcessorError(describe_connect_error(url, exc)) from exc
+    assert pool is not None
+    return pool

@@ -49,7 +49,7 @@ async def install_demo(settings: Settings) -> Path:
     finally:
         await conn.close()
     await kafka.ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings.kafka_access(),
         [settings.request_topic, settings.reply_topic, settings.dlq_topic],
         partitions=settings.partitions,
     )
@@ -229,8 +229,8 @@ async def run_demo(settings: Settings) -> int:
 
     stop = asyncio.Event()
     worker = asyncio.create_task(serve(settings, stop), name="demo-worker")
-    replies = kafka.make_consumer(settings.kafka_bootstrap_servers, group_id=None)
-    producer = kafka.make_producer(settings.kafka_bootstrap_servers)
+    replies = kafka.make_consumer(settings.kafka_access(), group_id=None)
+    producer = kafka.make_producer(settings.kafka_access())
     try:
         await replies.start()
         await producer.start()

@@ -126,9 +126,15 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        # 40 serialization/deadlock, 08 connection, 53 resources, 57 shutdown/cancel,
-        # 55P03 lock timeout, 25P04 idle-in-transaction timeout, 58 system errors.
-        return state[:2] in {"40", "08", "53", "57", "58"} or state in {"55P03", "25P04"}
+        # 40 serialization/deadlock, 08 connection, 53 resources, 58 system errors,
+        # 57 shutdown/cancel (57014 query_canceled: statement_timeout), 55P03
+        # lock_not_available (lock_timeout), 25P03 idle_in_transaction_session_timeout,
+        # 25P04 transaction_timeout: the worker's timeouts retry the batch.
+        return state[:2] in {"40", "08", "53", "57", "58"} or state in {
+            "55P03",
+            "25P03",
+            "25P04",
+        }
     return False
 
 

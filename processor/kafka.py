@@ -2,20 +2,41 @@
 
 aiokafka's defaults are unsafe for this product (auto-commit, read_uncommitted, no
 idempotence); every client is made here so that no call site can forget an override.
+Every factory takes a :class:`KafkaAccess` first: the bootstrap list and the security
+options (TLS, SASL), so that no client can forget those either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiokafka.errors as errors
 import aiokafka.producer.sender as _aiokafka_sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
-__all__ = ["admin_client", "ensure_topics", "make_consumer", "make_producer", "transactional_id"]
+from processor.config import Secret, kafka_security_problem
+from processor.errors import ConfigError, ProcessorError
+
+__all__ = [
+    "KafkaAccess",
+    "Secret",
+    "admin_client",
+    "check_access",
+    "ensure_topics",
+    "explain_unreachable",
+    "make_consumer",
+    "make_producer",
+    "transactional_id",
+]
 
 #: Bound on any single client call that could otherwise hang while a broker is down.
 CALL_TIMEOUT = 30.0
@@ -40,9 +61,114 @@ def transactional_id(group_id: str, topic: str, partition: int) -> str:
     return f"{group_id}-{topic}-{partition}"
 
 
-def make_consumer(bootstrap: str, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
+@dataclass(frozen=True, slots=True)
+class KafkaAccess:
+    """How to reach the brokers: the bootstrap list and the security options.
+
+    ``KafkaAccess("broker:9092")`` is plaintext. TLS (``SSL``, ``SASL_SSL``) always verifies
+    the broker's certificate and host name, against ``ssl_cafile`` or the system's CAs;
+    ``ssl_certfile`` (+ ``ssl_keyfile``, ``ssl_key_password``) adds a client certificate.
+    SASL needs ``sasl_mechanism``, ``sasl_username`` and ``sasl_password``. A bad
+    combination or an unreadable file raises :class:`ConfigError` naming the setting's
+    environment variable. Passwords are :class:`Secret`: never in ``repr()``.
+    Build it from the settings with :meth:`processor.config.Settings.kafka_access`.
+    """
+
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: Secret | None = None
+    #: Built once from the ssl_* files (TLS protocols only); shared by every client.
+    ssl_context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap.strip():
+            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is empty")
+        problem = kafka_security_problem(
+            self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism,
+            sasl_username=self.sasl_username,
+            sasl_password=self.sasl_password,
+            ssl_cafile=self.ssl_cafile,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+            ssl_key_password_file=self.ssl_key_password,
+        )
+        if problem is not None:
+            raise ConfigError(problem)
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            object.__setattr__(self, "ssl_context", self._tls_context())
+
+    def _tls_context(self) -> ssl.SSLContext:
+        cafile = str(self.ssl_cafile) if self.ssl_cafile is not None else None
+        try:  # check_hostname and CERT_REQUIRED: on, and not configurable
+            context: ssl.SSLContext = create_ssl_context(cafile=cafile)
+        except OSError as exc:
+            raise ConfigError(
+                f"KAFKA_SSL_CAFILE={cafile!r}: cannot load CA certificates from it "
+                f"({_reason(exc)}; PEM expected)"
+            ) from None
+        if self.ssl_certfile is None:
+            return context
+        key_password = self.ssl_key_password
+
+        def password() -> str:
+            if key_password is None:
+                raise ConfigError(
+                    "the client key is encrypted: set KAFKA_SSL_KEY_PASSWORD_FILE "
+                    f"(KAFKA_SSL_KEYFILE={str(self.ssl_keyfile or self.ssl_certfile)!r})"
+                )
+            return key_password.reveal()
+
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=password)
+        except OSError as exc:
+            raise ConfigError(
+                f"KAFKA_SSL_CERTFILE={str(self.ssl_certfile)!r}, KAFKA_SSL_KEYFILE="
+                f"{str(self.ssl_keyfile or self.ssl_certfile)!r}: cannot load the client "
+                f"certificate and key ({_reason(exc)}): not PEM, a key of another "
+                "certificate, or a wrong KAFKA_SSL_KEY_PASSWORD_FILE?"
+            ) from None
+        return context
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    def connection_options(self) -> dict[str, Any]:
+        """aiokafka's security keyword arguments (no bootstrap): for clients and connections.
+
+        The only place a password is revealed: handed to aiokafka, never logged.
+        """
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.ssl_context is not None:
+            options["ssl_context"] = self.ssl_context
+        if self.uses_sasl:
+            assert self.sasl_password is not None
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password.reveal()
+        return options
+
+    def client_options(self) -> dict[str, Any]:
+        """aiokafka's keyword arguments for a producer, consumer or admin client."""
+        return {"bootstrap_servers": self.bootstrap, **self.connection_options()}
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
     settings: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
+        **access.client_options(),
         "group_id": group_id,
         "enable_auto_commit": False,
         "isolation_level": "read_committed",
@@ -58,9 +184,11 @@ def make_consumer(bootstrap: str, group_id: str | None, **extra: Any) -> AIOKafk
     return AIOKafkaConsumer(**settings)
 
 
-def make_producer(bootstrap: str, *, txn_id: str | None = None, **extra: Any) -> AIOKafkaProducer:
+def make_producer(
+    access: KafkaAccess, *, txn_id: str | None = None, **extra: Any
+) -> AIOKafkaProducer:
     settings: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
+        **access.client_options(),
         "enable_idempotence": True,
         "acks": "all",
         "linger_ms": 2,
@@ -75,13 +203,15 @@ def make_producer(bootstrap: str, *, txn_id: str | None = None, **extra: Any) ->
     return AIOKafkaProducer(**settings)
 
 
-def admin_client(bootstrap: str) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+def admin_client(access: KafkaAccess) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**access.client_options(), request_timeout_ms=30_000)
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> list[str]:
+async def ensure_topics(
+    access: KafkaAccess, topics: Iterable[str], *, partitions: int
+) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created."""
-    admin = admin_client(bootstrap)
+    admin = admin_client(access)
     await asyncio.wait_for(admin.start(), CALL_TIMEOUT)
     try:
         existing = set(await asyncio.wait_for(admin.list_topics(), CALL_TIMEOUT))
@@ -101,3 +231,97 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
         return created
     finally:
         await admin.close()
+
+
+async def check_access(access: KafkaAccess) -> None:
+    """Fail fast on settings that cannot work: raise the :class:`ConfigError` of a bootstrap
+    host that refuses the login or the TLS handshake. Stops at the first host that accepts;
+    unreachable hosts are left to the clients (they retry, and may find another host).
+    """
+    for host, port, _family in collect_hosts(access.bootstrap, randomize=False):
+        problem = await _probe(access, f"{host}:{port}", host, port)
+        if problem is None:
+            return
+        if isinstance(problem, ConfigError):
+            raise problem
+
+
+async def explain_unreachable(access: KafkaAccess, error: BaseException) -> ProcessorError:
+    """Why a client could not bootstrap (aiokafka only logs it): one connection per host.
+
+    aiokafka's ``start()`` raises a bare "Unable to bootstrap" :class:`KafkaConnectionError`
+    whatever went wrong. This retries one connection to each bootstrap host with the same
+    options and returns the first cause found: a :class:`ConfigError` naming the settings
+    to check (SASL login refused, certificate not trusted, TLS against a plaintext listener
+    or the reverse), or a :class:`ProcessorError` (unreachable, or no cause found).
+    """
+    found: ProcessorError | None = None
+    for host, port, _family in collect_hosts(access.bootstrap, randomize=False):
+        problem = await _probe(access, f"{host}:{port}", host, port)
+        if problem is None:
+            continue
+        if isinstance(problem, ConfigError):
+            return problem
+        found = found or problem
+    return found or ProcessorError(f"cannot use Kafka at {access.bootstrap}: {error}")
+
+
+async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> ProcessorError | None:
+    protocol = f"KAFKA_SECURITY_PROTOCOL={access.security_protocol}"
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, port, request_timeout_ms=10_000, **access.connection_options()),
+            15,
+        )
+    except (errors.SaslAuthenticationFailed, errors.AuthenticationFailedError) as exc:
+        return ConfigError(
+            f"Kafka at {where} refused the SASL login of user {access.sasl_username!r} "
+            f"({access.sasl_mechanism}): check KAFKA_SASL_USERNAME and the password "
+            f"(KAFKA_SASL_PASSWORD_FILE or KAFKA_SASL_PASSWORD) [{_broker_message(exc)}]"
+        )
+    except errors.UnsupportedSaslMechanismError:
+        return ConfigError(
+            f"KAFKA_SASL_MECHANISM={access.sasl_mechanism}: the listener at {where} does not "
+            "enable this mechanism (sasl.enabled.mechanisms)"
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return ConfigError(
+            f"TLS: the certificate of Kafka at {where} failed verification "
+            f"({exc.verify_message}): KAFKA_SSL_CAFILE must hold the CA that signed it, "
+            "and the certificate must name the host the client connects to"
+        )
+    except ssl.SSLError as exc:
+        return ConfigError(
+            f"TLS handshake with Kafka at {where} failed ({_reason(exc)}): "
+            f"is it a TLS listener ({protocol})? Does it require a client certificate "
+            "(KAFKA_SSL_CERTFILE)?"
+        )
+    except errors.KafkaConnectionError as exc:
+        hint = (
+            f"is it a TLS listener, but {protocol}?"
+            if access.ssl_context is None
+            else "does it require a client certificate (KAFKA_SSL_CERTFILE) or another protocol?"
+        )
+        return ConfigError(
+            f"Kafka at {where} closed the connection before answering ({exc}): {hint}"
+        )
+    except ConnectionResetError:
+        if access.ssl_context is None:
+            return ProcessorError(f"Kafka at {where} reset the connection ({protocol})")
+        return ConfigError(
+            f"Kafka at {where} reset the connection during the TLS handshake: "
+            f"is it a TLS listener ({protocol})?"
+        )
+    except TimeoutError:
+        return ProcessorError(f"Kafka at {where} did not answer in time ({protocol})")
+    except OSError as exc:
+        return ProcessorError(f"cannot connect to Kafka at {where}: {_reason(exc)}")
+    except errors.KafkaError as exc:
+        return ProcessorError(f"Kafka at {where}: {_broker_message(exc)}")
+    conn.close()
+    return None
+
+
+def _broker_message(exc: errors.KafkaError) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("[Error") and ": " in text else text

@@ -63,7 +63,7 @@ from aiokafka import TopicPartition
 
 from processor import kafka
 from processor.client import Client
-from processor.config import SETTINGS, Settings
+from processor.config import SETTINGS, Secret, Settings
 from processor.contract import Reply, Request, UpdateRequest
 from processor.errors import (
     ConcurrencyVersionMismatch,
@@ -487,7 +487,7 @@ async def _prepare(settings: Settings, opts: LoadOptions) -> tuple[Settings, Ent
     else:
         assert settings.kafka_bootstrap_servers is not None
         await kafka.ensure_topics(
-            settings.kafka_bootstrap_servers,
+            settings.kafka_access(),
             [settings.request_topic, settings.reply_topic, settings.dlq_topic],
             partitions=settings.partitions,
         )
@@ -536,7 +536,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     for s in SETTINGS:
         value = getattr(settings, s.name)
         if value is not None:
-            env[s.env] = str(value)
+            env[s.env] = value.reveal() if isinstance(value, Secret) else str(value)
     env["PROCESSOR_METRICS_PORT"] = "0"  # N workers on one host: no port to collide on
     return env
 
@@ -615,7 +615,7 @@ async def _read_replies(
     """The run's replies on the reply topic (read_committed), by request_id."""
     assert settings.kafka_bootstrap_servers is not None
     found: dict[str, list[bytes]] = {}
-    consumer = kafka.make_consumer(settings.kafka_bootstrap_servers, None)
+    consumer = kafka.make_consumer(settings.kafka_access(), None)
     await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
     try:
         consumer.assign(list(start))
@@ -730,7 +730,7 @@ async def _run(
     assert settings.database_url is not None
     assert settings.kafka_bootstrap_servers is not None
     client = Client(
-        settings.kafka_bootstrap_servers,
+        settings.kafka_access(),
         request_topic=settings.request_topic,
         reply_topic=settings.reply_topic,
         timeout=opts.timeout,

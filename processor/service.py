@@ -7,9 +7,10 @@ import asyncio
 import asyncpg
 
 from processor.config import Settings
-from processor.db import Connection
+from processor.db import Connection, create_pool
 from processor.engine import Engine
-from processor.errors import ConfigError, ProcessorError
+from processor.errors import ConfigError
+from processor.grants import missing_privileges
 from processor.ledger import Ledger
 from processor.log import get_logger
 from processor.metrics import Metrics, serve_http
@@ -22,35 +23,31 @@ log = get_logger("processor.service")
 
 
 async def build_engine(conn: Connection, settings: Settings) -> Engine:
-    """Load and validate the registry, and check the ledger was migrated."""
+    """Load and validate the registry, check the ledger was migrated and that the role
+    holds every privilege the worker needs (a clear error at start, not faults later)."""
     settings.require("entities")
     assert settings.entities is not None
-    registry = await load_registry(conn, settings.entities)
     ledger = Ledger(settings.ledger_schema)
-    if await conn.fetchval("SELECT to_regclass($1)", ledger.table) is None:
-        raise ConfigError(f"the ledger {ledger.table} does not exist: run `processor migrate`")
+    try:
+        registry = await load_registry(conn, settings.entities)
+        if await conn.fetchval("SELECT to_regclass($1)", ledger.table) is None:
+            raise ConfigError(f"the ledger {ledger.table} does not exist: run `processor migrate`")
+        missing = await missing_privileges(conn, registry, ledger)
+    except asyncpg.InsufficientPrivilegeError as exc:  # e.g. no USAGE on a schema
+        missing = [str(exc)]
+    if missing:
+        raise ConfigError(
+            "the database role lacks privileges the worker needs: "
+            + "; ".join(missing)
+            + " (`processor grants --role <role>` prints the GRANTs)"
+        )
     return Engine(registry, ledger)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     settings.require("kafka_bootstrap_servers", "database_url", "entities")
-    try:
-        pool = await asyncpg.create_pool(
-            settings.database_url,
-            min_size=1,
-            max_size=settings.lanes + 1,
-            command_timeout=60,
-            timeout=30,
-            server_settings={
-                "application_name": "processor",
-                # A stuck lock or an abandoned transaction must not hold a key forever.
-                "lock_timeout": "30s",
-                "idle_in_transaction_session_timeout": "60s",
-            },
-        )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise ProcessorError(f"cannot connect to DATABASE_URL: {exc}") from exc
-    assert pool is not None
+    # Every worker connection gets the statement, lock and idle-in-transaction timeouts.
+    pool = await create_pool(settings, max_size=settings.lanes + 1)
     try:
         async with pool.acquire() as conn:
             engine = await build_engine(conn, settings)

@@ -102,15 +102,20 @@ class Worker:
         # Assigned partitions whose fetch position is not yet checked against the
         # committed offset read *after* their producer fenced the previous owner.
         self._unverified: set[TopicPartition] = set()
+        # Partitions whose producer was fenced, with when: left alone for a while.
+        self._fenced: dict[TopicPartition, float] = {}
+        # The previous batch's Kafka commit, running while the next batch is prepared.
+        self._committing: asyncio.Task[dict[TopicPartition, int]] | None = None
+        self._in_flight: frozenset[TopicPartition] = frozenset()
         self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
         self._topics_checked_at = 0.0
         self._last_poll = 0.0
         self._stop = asyncio.Event()
 
     @property
-    def bootstrap(self) -> str:
-        assert self.settings.kafka_bootstrap_servers is not None
-        return self.settings.kafka_bootstrap_servers
+    def bootstrap(self) -> kafka.KafkaAccess:
+        """The brokers and how to reach them (TLS, SASL): every client of this worker's."""
+        return self.settings.kafka_access()
 
     def ready(self) -> bool:
         return self.consumer is not None and time.monotonic() - self._last_poll < 60

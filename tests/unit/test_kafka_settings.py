@@ -9,7 +9,7 @@ from processor import kafka
 
 async def test_transactional_producers_retry_quickly() -> None:
     """A transaction that races its predecessor's completion is retried in ms, not 100 ms."""
-    producer = kafka.make_producer("127.0.0.1:1", txn_id="g-t-0")
+    producer = kafka.make_producer(kafka.KafkaAccess("127.0.0.1:1"), txn_id="g-t-0")
     try:
         assert producer._sender._retry_backoff == kafka.TXN_RETRY_BACKOFF_MS / 1000
     finally:
@@ -20,7 +20,7 @@ async def test_transactional_producers_retry_quickly() -> None:
 
 
 async def test_plain_producers_keep_the_default_backoff() -> None:
-    producer = kafka.make_producer("127.0.0.1:1")
+    producer = kafka.make_producer(kafka.KafkaAccess("127.0.0.1:1"))
     try:
         assert producer._sender._retry_backoff == 0.1
     finally:
