@@ -59,6 +59,14 @@ resend (same request_id) is another record and gets its own reply.
   produced twice or a cycle breaks it. Links are followed by value, so two workers'
   batches whose processed_at clocks disagree still chain. A write made outside the
   processor (plain SQL) shows as a gap: the audit proves the processor was the only writer.
+- ``out-of-order-application``: a record's writes, followed along its version chain (the
+  order they were applied in), do not follow the request topic's offsets: a request of
+  the record's own key was applied after a request that came later on the same partition
+  (per-key order broken, e.g. two lanes or two owners applying one key's requests
+  concurrently). Checked per incarnation whose chain is linked (a broken chain has no
+  order to check), on the record's own writes only (``writes[0]``: related rows are keyed
+  by another record and may legitimately interleave), and per source topic and partition
+  (a key maps to one partition when producers key requests ``<entity>:<id>``).
 - ``unanswered-bad-input``: a record that needed a dead letter (rejected at intake, or its
   outcome is a dead-letter fault: InvalidArgument, QueryBuilderNoEntity,
   QueryBuilderNoAttribute, DuplicateRecord, RequestExpired, RequestTooLarge) has none on
@@ -140,6 +148,7 @@ __all__ = [
     "EXIT_ANOMALIES",
     "LEDGER_MISMATCH",
     "MISSING_REPLY",
+    "OUT_OF_ORDER_APPLICATION",
     "REPLY_WITHOUT_REQUEST",
     "SPURIOUS_DEAD_LETTER",
     "UNANSWERED_BAD_INPUT",
@@ -166,6 +175,7 @@ REPLY_WITHOUT_REQUEST: Final = "reply-without-request"
 LEDGER_MISMATCH: Final = "ledger-mismatch"
 BROKEN_VERSION_CHAIN: Final = "broken-version-chain"
 DOUBLE_APPLICATION: Final = "double-application"
+OUT_OF_ORDER_APPLICATION: Final = "out-of-order-application"
 UNANSWERED_BAD_INPUT: Final = "unanswered-bad-input"
 SPURIOUS_DEAD_LETTER: Final = "spurious-dead-letter"
 #: Every anomaly the audit reports, in the order of the report.
@@ -176,6 +186,7 @@ ANOMALIES: Final = (
     LEDGER_MISMATCH,
     DOUBLE_APPLICATION,
     BROKEN_VERSION_CHAIN,
+    OUT_OF_ORDER_APPLICATION,
     UNANSWERED_BAD_INPUT,
     SPURIOUS_DEAD_LETTER,
 )
@@ -513,6 +524,10 @@ class Write:
     new: str | None  # None: a delete
     processed_at: datetime | None = None
     source: str | None = None
+    #: The request's source record (topic, partition, offset), when the ledger has it.
+    origin: tuple[str, int, int] | None = None
+    #: The write is of the request's own record (``writes[0]``), not of a related row.
+    own: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,8 +666,52 @@ def _chain_problem(life: Sequence[Write]) -> tuple[str, str] | None:
     return None
 
 
+def _order_problem(life: Sequence[Write]) -> tuple[str, str] | None:
+    """Why a linked incarnation was applied against its requests' offset order, if it was.
+
+    Walks the chain from its start (the order of application) and, per source topic and
+    partition, checks that the record's own writes come from increasing offsets.
+    """
+    produced = {w.new for w in life if w.new is not None}
+    by_prior = {w.prior: w for w in life}
+    current: Write | None = next(
+        (w for w in life if w.prior is None or w.prior not in produced), None
+    )
+    last: dict[tuple[str, int], Write] = {}
+    steps = 0
+    while current is not None and steps < len(life):
+        steps += 1
+        origin = current.origin
+        if current.own and origin is not None:
+            before = last.get(origin[:2])
+            if before is not None and before.origin is not None and before.origin[2] > origin[2]:
+                topic, partition, offset = origin
+                return (
+                    current.request_id,
+                    f"request {current.request_id} ({_loc(topic, partition, offset)}) was "
+                    f"applied after request {before.request_id} "
+                    f"({_loc(topic, partition, before.origin[2])}), which came later: "
+                    f"version {current.prior} -> {current.new} follows {before.prior} -> "
+                    f"{before.new}",
+                )
+            last[origin[:2]] = current
+        current = by_prior.get(current.new) if current.new is not None else None
+    return None
+
+
+def _life_anomalies(entity: str, record_id: str, life: Sequence[Write]) -> list[Anomaly]:
+    found = _chain_problem(life)
+    if found:
+        return [Anomaly(BROKEN_VERSION_CHAIN, found[1], found[0], entity, record_id)]
+    order = _order_problem(life)
+    if order:
+        return [Anomaly(OUT_OF_ORDER_APPLICATION, order[1], order[0], entity, record_id)]
+    return []
+
+
 def check_chain(entity: str, record_id: str, writes: Sequence[Write]) -> list[Anomaly]:
-    """One record's writes, in processed_at order: one chain per incarnation, each once."""
+    """One record's writes, in processed_at order: one chain per incarnation, each once,
+    applied in the offset order of the record's requests."""
     anomalies: list[Anomaly] = []
     seen: set[str] = set()
     unique: list[Write] = []
@@ -674,16 +733,10 @@ def check_chain(entity: str, record_id: str, writes: Sequence[Write]) -> list[An
     for w in unique:
         life.append(w)
         if w.new is None:
-            found = _chain_problem(life)
+            anomalies.extend(_life_anomalies(entity, record_id, life))
             life = []
-            if found:
-                anomalies.append(
-                    Anomaly(BROKEN_VERSION_CHAIN, found[1], found[0], entity, record_id)
-                )
     if life:
-        found = _chain_problem(life)
-        if found:
-            anomalies.append(Anomaly(BROKEN_VERSION_CHAIN, found[1], found[0], entity, record_id))
+        anomalies.extend(_life_anomalies(entity, record_id, life))
     return anomalies
 
 
@@ -1300,10 +1353,11 @@ async def _audit_ledger(
         chain_sql = (
             "SELECT w.value->>'entity' AS entity, w.value->>'id' AS id, "  # noqa: S608
             "w.value->>'prior' AS prior, w.value->>'new' AS new, l.request_id, "
-            "l.processed_at, l.source_partition, l.source_offset "
+            "l.processed_at, l.source_topic, l.source_partition, l.source_offset, "
+            "w.i = 1 AS own "
             f"FROM {table} AS l CROSS JOIN LATERAL jsonb_array_elements("
             "CASE WHEN jsonb_typeof(l.writes) = 'array' THEN l.writes ELSE '[]'::jsonb END"
-            ") AS w(value) "
+            ") WITH ORDINALITY AS w(value, i) "
             "WHERE l.applied AND jsonb_typeof(w.value) = 'object' "
             "AND ($1::timestamptz IS NULL OR l.processed_at >= $1) "
             "AND ($2::timestamptz IS NULL OR l.processed_at <= $2) "
@@ -1320,11 +1374,25 @@ async def _audit_ledger(
                 if key is not None:
                     auditor.add_chain(key[0], key[1], writes)
                 key, writes = this, []
-            source = None
+            source = origin = None
             if row["source_partition"] is not None:
                 source = f"{row['source_partition']}:{row['source_offset']}"
+                if row["source_topic"] is not None and row["source_offset"] is not None:
+                    origin = (
+                        str(row["source_topic"]),
+                        int(row["source_partition"]),
+                        int(row["source_offset"]),
+                    )
             writes.append(
-                Write(row["request_id"], row["prior"], row["new"], row["processed_at"], source)
+                Write(
+                    row["request_id"],
+                    row["prior"],
+                    row["new"],
+                    row["processed_at"],
+                    source,
+                    origin,
+                    bool(row["own"]),
+                )
             )
             done += 1
             progress.update("version chains (writes)", done)

@@ -14,6 +14,7 @@ from processor.audit import (
     DUPLICATE_REPLY,
     LEDGER_MISMATCH,
     MISSING_REPLY,
+    OUT_OF_ORDER_APPLICATION,
     REPLY_WITHOUT_REQUEST,
     SPURIOUS_DEAD_LETTER,
     UNANSWERED_BAD_INPUT,
@@ -79,6 +80,72 @@ def test_a_request_writing_a_record_twice_is_a_double_application() -> None:
     found = check_chain("acct", "1", [w("a", "1", "2"), w("b", "2", "3", 1), w("b", "3", "4", 1)])
     assert [a.kind for a in found] == [DOUBLE_APPLICATION]
     assert found[0].request_id == "b"
+
+
+def at(
+    rid: str,
+    prior: str | None,
+    new: str | None,
+    offset: int,
+    *,
+    partition: int = 0,
+    own: bool = True,
+    minute: int = 0,
+) -> Write:
+    """A write of request ``rid`` from the request topic's ``partition`` at ``offset``."""
+    return Write(
+        rid,
+        prior,
+        new,
+        T0 + timedelta(minutes=minute),
+        f"{partition}:{offset}",
+        (TOPIC, partition, offset),
+        own,
+    )
+
+
+def test_writes_applied_in_offset_order_pass_whatever_their_processed_at() -> None:
+    writes = [at("a", "1", "2", 10), at("c", "3", "4", 30), at("b", "2", "3", 20)]
+    assert check_chain("counter", "1", writes) == []
+
+
+def test_a_request_applied_after_a_later_request_of_its_key_is_out_of_order() -> None:
+    """The chain links (a -> b -> c), but c came before b on the partition."""
+    writes = [at("a", "1", "2", 10), at("b", "2", "3", 30), at("c", "3", "4", 20)]
+    (found,) = check_chain("counter", "1", writes)
+    assert found.kind == OUT_OF_ORDER_APPLICATION
+    assert found.request_id == "c"
+    assert (found.entity, found.record_id) == ("counter", "1")
+    assert "requests[0]@20" in found.detail
+    assert "requests[0]@30" in found.detail
+
+
+def test_order_is_checked_per_partition_on_own_writes_within_an_incarnation() -> None:
+    # Another partition: no order between them (the key was not on one partition).
+    other_partition = [at("a", "1", "2", 50), at("b", "2", "3", 10, partition=1)]
+    # A related write (another record's request, another key): may interleave.
+    related = [at("a", "1", "2", 50), at("b", "2", "3", 10, own=False)]
+    # A delete ends the incarnation; the next one (re-inserted) starts afresh.
+    reborn = [at("a", "1", "2", 50), at("b", "2", None, 60), at("c", "7", "8", 5, minute=1)]
+    # Without a known source there is nothing to compare.
+    unknown = [at("a", "1", "2", 50), w("b", "2", "3")]
+    for writes in (other_partition, related, reborn, unknown):
+        assert check_chain("counter", "1", writes) == [], writes
+
+
+def test_a_broken_chain_is_not_also_judged_for_order() -> None:
+    writes = [at("a", "1", "2", 50), at("b", "2", "3", 10), at("c", "2", "4", 5)]
+    assert [a.kind for a in check_chain("counter", "1", writes)] == [BROKEN_VERSION_CHAIN]
+
+
+def test_the_auditor_reports_out_of_order_chains_by_name() -> None:
+    auditor = Auditor(TOPIC, {0: (0, 100)}, complete=True)
+    auditor.add_chain("counter", "1", [at("a", "1", "2", 40), at("b", "2", "3", 30)])
+    auditor.finish()
+    report = auditor.build_report({})
+    assert report.found() == {OUT_OF_ORDER_APPLICATION}
+    assert report.count(OUT_OF_ORDER_APPLICATION) == 1
+    assert report.examples[OUT_OF_ORDER_APPLICATION][0]["request_id"] == "b"
 
 
 # -- ledger rows -------------------------------------------------------------------------------
