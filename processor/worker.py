@@ -18,6 +18,20 @@ If the worker dies after the database commit and before the Kafka commit, the Ka
 transaction is aborted and the records are read again; the ledger then returns the
 stored replies without applying anything, so consumers reading ``read_committed`` see
 exactly one reply per request.
+
+**Pipelining.** Step 3 of a batch runs in the background while the next batch is fetched
+and applied (steps 1-2), so a cycle costs max(database, Kafka) rather than their sum.
+The next batch's Kafka commit waits for the previous one. Its database work runs only
+after the previous batch's database commit, so per-key order holds. When a partition's
+commit fails or is fenced, the next batch's records of that partition are dropped (their
+effects are in the ledger) and the partition is rewound to the failed batch's first
+offset: offsets only move forward through a committed transaction.
+
+**Fencing.** Every time this worker starts a partition's producer (which fences any
+other producer of that id), it reads the partition's committed offset again before its
+first commit with that producer, and drops the batch unless the batch starts there. A
+worker that was fenced itself leaves the partition alone for a while (the group is
+rebalancing it away) and then checks again, rather than fencing the new owner back.
 """
 
 from __future__ import annotations
@@ -27,7 +41,6 @@ import contextlib
 import random
 import time
 import zlib
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -61,10 +74,18 @@ COMMIT_RETRY_SECONDS = 60.0
 #: How long a lane's database transaction is retried before the batch is left to be redone:
 #: well under max_poll_interval, so a long outage does not cost the group membership.
 DATABASE_RETRY_SECONDS = 120.0
+#: How long a fenced partition is left alone before this worker, if it still holds the
+#: partition, takes it back (longer than a session timeout: a rebalance moves it first).
+FENCED_PAUSE_SECONDS = 15.0
 
 
 class _GiveUp(Exception):
     """Leave this batch: its records are read again (and replayed from the ledger)."""
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _backoff(attempt: int, cap: float = 5.0) -> float:
@@ -76,8 +97,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Waits for the batch in flight: its partitions commit before they are handed over.
+        # Waits for the batches in flight: their partitions commit before they are handed over.
         async with self._worker.batch_lock:
+            await self._worker.settle()
             await asyncio.gather(*(self._worker.close_producer(tp) for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -124,6 +146,9 @@ class Worker:
 
     async def take_partitions(self, assigned: Sequence[TopicPartition]) -> None:
         self._unverified.update(assigned)
+        for tp in assigned:
+            if self._fenced.pop(tp, None) is not None and self.consumer is not None:
+                self.consumer.resume(tp)
         await asyncio.gather(
             *(self._ensure_producer(tp) for tp in assigned), return_exceptions=True
         )
@@ -161,6 +186,8 @@ class Worker:
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
         self._producers[tp] = producer
+        # It fenced the others: check the committed offset before its first commit.
+        self._unverified.add(tp)
         self.metrics.assigned.set(len(self._producers))
         return producer
 
@@ -188,26 +215,71 @@ class Worker:
         try:
             while not stop.is_set():
                 self._last_poll = time.monotonic()
+                self._resume_fenced()
                 try:
+                    # While a commit is in flight, take what is already fetched, or settle.
                     fetched = await consumer.getmany(
-                        timeout_ms=200, max_records=self.settings.max_batch
+                        timeout_ms=0 if self._committing else 200,
+                        max_records=self.settings.max_batch,
                     )
                 except KafkaError as exc:
                     log.warning("fetch failed", error=repr(exc))
+                    async with self.batch_lock:
+                        await self.settle()
                     await asyncio.sleep(1)
                     continue
-                if not fetched:
-                    continue
                 async with self.batch_lock:
-                    await self._handle(fetched)
+                    if fetched:
+                        await self._handle(fetched)
+                    else:
+                        await self.settle()
         finally:
             log.info("worker stopping")
+            try:
+                async with self.batch_lock:
+                    await self.settle()
+            except Exception:
+                log.exception("last commit failed; its records will be read again")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), kafka.CALL_TIMEOUT)
             for tp in list(self._producers):
                 await self.close_producer(tp)
             self.consumer = None
             log.info("worker stopped")
+
+    async def settle(self) -> dict[TopicPartition, int]:
+        """Wait for the Kafka commit in flight; rewind the partitions it could not commit.
+
+        Returns those partitions with the offset they were rewound to. Call it holding
+        ``batch_lock``.
+        """
+        task = self._committing
+        if task is None:
+            return {}
+        try:
+            restart = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._committing = None
+                self._in_flight = frozenset()
+        for tp, offset in restart.items():
+            self._rewind(tp, offset)
+        return restart
+
+    def _resume_fenced(self) -> None:
+        """Take back the fenced partitions this worker still holds after their pause."""
+        now = time.monotonic()
+        for tp, fenced_at in list(self._fenced.items()):
+            if now - fenced_at >= FENCED_PAUSE_SECONDS:
+                del self._fenced[tp]
+                if self.consumer is not None and tp in self.consumer.assignment():
+                    # Its next batch opens a producer, which checks the committed offset.
+                    self.consumer.resume(tp)
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` again from ``offset``, if this worker still holds it."""
+        if self.consumer is not None and tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
 
     async def _owned(
         self, fetched: dict[TopicPartition, list[Any]]
@@ -219,6 +291,12 @@ class Worker:
         for tp, records in fetched.items():
             if not records or tp not in assignment:
                 continue  # revoked meanwhile: the new owner reads them
+            if tp in self._in_flight:
+                # Its producer is committing the previous batch; that commit checks it.
+                owned[tp] = records
+                continue
+            if tp in self._fenced:
+                continue  # paused meanwhile: its position is checked when it resumes
             try:
                 await self._ensure_producer(tp)
             except TransientError as exc:
@@ -237,10 +315,12 @@ class Worker:
         return owned
 
     async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Apply a batch, then start its Kafka commit once the previous one has settled."""
         now = datetime.now(UTC)
         owned = await self._owned(fetched)
         total = sum(len(r) for r in owned.values())
         if not total:
+            await self.settle()
             return
         self.metrics.in_flight.set(total)
         self.metrics.batch_size.observe(total)
@@ -257,83 +337,102 @@ class Worker:
         results = await asyncio.gather(
             *(self._run_lane(lane) for lane in lanes if lane), return_exceptions=True
         )
+        # The previous commit first: its failures rewind partitions of this batch too.
+        restart = await self.settle()
         outcomes: dict[tuple[int, int], Outcome] = {}
         for lane_result in results:
             if isinstance(lane_result, BaseException):
                 if not isinstance(lane_result, _GiveUp):
                     raise lane_result
                 # What the other lanes committed is in the ledger: the redo replays it.
-                assert self.consumer is not None
                 for tp, records in owned.items():
-                    self.consumer.seek(tp, records[0].offset)
+                    if tp not in restart:
+                        self._rewind(tp, records[0].offset)
                 self.metrics.in_flight.set(0)
                 return
             outcomes.update(lane_result)
+        for tp in restart:
+            owned.pop(tp, None)  # rewound to the previous batch: these are read again
 
-        out: dict[TopicPartition, list[OutRecord]] = defaultdict(list)
-        settings = self.settings
+        out: dict[TopicPartition, list[OutRecord]] = {tp: [] for tp in owned}
         for message, item in admitted:
             tp = TopicPartition(message.topic, message.partition)
-            if isinstance(item, Rejected):
-                out[tp].extend(
-                    rejected_records(
-                        item,
-                        reply_topic=settings.reply_topic,
-                        dlq_topic=settings.dlq_topic,
-                        now=now,
-                    )
-                )
-                self._count(item.reply.type if item.reply else None, "fault", item.fault.code)
-                self.metrics.dead_letters.inc()
-                log.warning(
-                    "dead letter",
-                    partition=message.partition,
-                    offset=message.offset,
-                    request_id=item.request_id,
-                    error=item.fault.message[:200],
-                )
-                continue
-            outcome = outcomes[(message.partition, message.offset)]
-            out[tp].extend(
-                outcome_records(
-                    item,
-                    message,
-                    outcome,
-                    reply_topic=settings.reply_topic,
-                    dlq_topic=settings.dlq_topic,
-                    now=now,
-                )
-            )
-            reply = outcome.reply
-            self._count(reply.type, reply.status, reply.fault.code if reply.fault else None)
-            if outcome.replayed:
-                self.metrics.replayed.inc()
-            if outcome.dead_letter:
-                self.metrics.dead_letters.inc()
-            if reply.fault is not None:
-                log.info(
-                    "fault",
-                    request_id=reply.request_id,
-                    entity=reply.entity,
-                    partition=message.partition,
-                    offset=message.offset,
-                    code=reply.fault.code,
-                )
+            if tp in out:
+                out[tp].extend(self._records_of(message, item, outcomes, now))
+        self._in_flight = frozenset(owned)
+        self._committing = asyncio.create_task(self._commit(owned, out), name="commit")
 
-        await asyncio.gather(
+    def _records_of(
+        self,
+        message: Message,
+        item: Envelope | Rejected,
+        outcomes: dict[tuple[int, int], Outcome],
+        now: datetime,
+    ) -> list[OutRecord]:
+        """The reply and dead-letter records of one request; counts and logs its outcome."""
+        settings = self.settings
+        if isinstance(item, Rejected):
+            self._count(item.reply.type if item.reply else None, "fault", item.fault.code)
+            self.metrics.dead_letters.inc()
+            log.warning(
+                "dead letter",
+                partition=message.partition,
+                offset=message.offset,
+                request_id=item.request_id,
+                error=item.fault.message[:200],
+            )
+            return rejected_records(
+                item, reply_topic=settings.reply_topic, dlq_topic=settings.dlq_topic, now=now
+            )
+        outcome = outcomes[(message.partition, message.offset)]
+        reply = outcome.reply
+        self._count(reply.type, reply.status, reply.fault.code if reply.fault else None)
+        if outcome.replayed:
+            self.metrics.replayed.inc()
+        if outcome.dead_letter:
+            self.metrics.dead_letters.inc()
+        if reply.fault is not None:
+            log.info(
+                "fault",
+                request_id=reply.request_id,
+                entity=reply.entity,
+                partition=message.partition,
+                offset=message.offset,
+                code=reply.fault.code,
+            )
+        return outcome_records(
+            item,
+            message,
+            outcome,
+            reply_topic=settings.reply_topic,
+            dlq_topic=settings.dlq_topic,
+            now=now,
+        )
+
+    async def _commit(
+        self, owned: dict[TopicPartition, list[Any]], out: dict[TopicPartition, list[OutRecord]]
+    ) -> dict[TopicPartition, int]:
+        """Commit each partition's records; returns the partitions to read again, and where."""
+        committed = await asyncio.gather(
             *(self._commit_partition(tp, out[tp], recs) for tp, recs in owned.items())
         )
+        restart = {
+            tp: recs[0].offset
+            for (tp, recs), ok in zip(owned.items(), committed, strict=True)
+            if not ok
+        }
         done = time.time()
-        for records in owned.values():
+        for tp, records in owned.items():
+            if tp in restart:
+                continue
             for r in records:
                 self.metrics.latency.observe(max(0.0, done - r.timestamp / 1000))
-        if self.consumer is not None:
-            for tp, records in owned.items():
-                high = self.consumer.highwater(tp)
-                if high is not None:
-                    self.metrics.lag.labels(str(tp.partition)).set(high - records[-1].offset - 1)
+            high = self.consumer.highwater(tp) if self.consumer is not None else None
+            if high is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(high - records[-1].offset - 1)
         self.metrics.in_flight.set(0)
-        log.debug("batch committed", records=total, partitions=sorted(tp.partition for tp in owned))
+        log.debug("batch committed", partitions=sorted(tp.partition for tp in owned))
+        return restart
 
     def _admit(self, message: Message, now: datetime) -> Envelope | Rejected:
         try:
@@ -438,34 +537,60 @@ class Worker:
 
     async def _commit_partition(
         self, tp: TopicPartition, records: list[OutRecord], consumed: list[Any]
-    ) -> None:
+    ) -> bool:
+        """Commit one partition's replies, dead letters and next offset in one transaction.
+
+        False when they were not committed: the caller reads the records again (a redo
+        replays them from the ledger).
+        """
         next_offset = consumed[-1].offset + 1
         deadline = time.monotonic() + COMMIT_RETRY_SECONDS
         attempt = 0
         while True:
             producer = self._producers.get(tp)
             if producer is None:
-                return  # revoked meanwhile: the new owner redoes these from the ledger
+                return False  # revoked meanwhile: the new owner redoes these from the ledger
             try:
+                # A new producer fenced the others: is the partition still where we left it?
+                if tp in self._unverified and not await self._still_at(tp, consumed[0].offset):
+                    return False
                 await asyncio.wait_for(
                     self._transaction(producer, tp, records, next_offset), kafka.CALL_TIMEOUT
                 )
-                return
+                self._unverified.discard(tp)
+                return True
             except ProducerFenced:
                 log.warning("fenced: partition taken over", partition=tp.partition)
                 await self.close_producer(tp)
-                return
+                # The group is moving it to another worker: stop reading it for a while
+                # rather than fence the new owner back.
+                self._fenced[tp] = time.monotonic()
+                if self.consumer is not None and tp in self.consumer.assignment():
+                    self.consumer.pause(tp)
+                return False
             except (KafkaError, TimeoutError, OSError) as exc:
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("kafka commit retry", partition=tp.partition, error=repr(exc)[:300])
                 await self._reset_producer(tp, producer)
                 if time.monotonic() > deadline or self._stop.is_set():
-                    # Give up for now: read these records again; the ledger replays them.
-                    if self.consumer is not None and tp in self._producers:
-                        self.consumer.seek(tp, consumed[0].offset)
-                    return
+                    return False  # for now: read these records again
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
+
+    async def _still_at(self, tp: TopicPartition, offset: int) -> bool:
+        """Whether the group's committed offset of ``tp`` is still ``offset``.
+
+        Read after this worker's producer fenced the others: if another worker committed
+        past it meanwhile, this batch is theirs already.
+        """
+        assert self.consumer is not None
+        committed = await asyncio.wait_for(self.consumer.committed(tp), kafka.CALL_TIMEOUT)
+        if committed is None or committed == offset:
+            return True
+        log.warning(
+            "partition moved on meanwhile", partition=tp.partition, committed=committed, at=offset
+        )
+        return False
 
     async def _transaction(
         self,
@@ -477,7 +602,9 @@ class Worker:
         await producer.begin_transaction()
         try:
             for r in records:
-                await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                sent = await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                # The commit reports a failed send; this keeps asyncio from logging it again.
+                sent.add_done_callback(_retrieve)
             await producer.send_offsets_to_transaction({tp: next_offset}, self.settings.group_id)
             await producer.commit_transaction()
         except BaseException:
