@@ -23,6 +23,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from processor import aiokafka_fixes
 from processor.config import Secret, kafka_security_problem
 from processor.errors import ConfigError, ProcessorError
 
@@ -167,6 +168,7 @@ def _reason(exc: OSError) -> str:
 
 
 def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
+    aiokafka_fixes.install()  # a committed offset, never "none" while the coordinator loads
     settings: dict[str, Any] = {
         **access.client_options(),
         "group_id": group_id,
