@@ -130,6 +130,13 @@ def plan_for(ledger: Ledger, registry: Registry | None = None, *, prune: bool = 
             why="the request ledger: look up stored replies, record new ones",
         )
     )
+    tables.append(
+        TableGrant(
+            ledger.marks,
+            ("SELECT", "INSERT", "UPDATE"),
+            why="offset marks: the highest offset committed per partition (raised, never lowered)",
+        )
+    )
     return Plan("worker", tuple(sorted(schemas)), tuple(tables))
 
 
@@ -239,8 +246,8 @@ async def excess_privileges(conn: Connection, plan: Plan, role: str) -> list[str
             )
         ]
         problems.extend(f"has {privilege} on {grant.table}" for privilege in extra)
-        if "UPDATE" in extra:
-            continue
+        if "UPDATE" in extra or "UPDATE" in grant.privileges:
+            continue  # column-level UPDATE is then implied (or already reported)
         extra_columns = await conn.fetch(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($2) AND attnum > 0 "
             "AND NOT attisdropped AND NOT (attname = ANY($3::text[])) "

@@ -150,7 +150,7 @@ def _registry() -> Registry:
     )
 
 
-def test_the_worker_plan_grants_select_delete_column_update_and_ledger_select_insert() -> None:
+def test_the_worker_plan_grants_select_delete_column_update_and_the_ledgers_tables() -> None:
     sql = statements(plan_for(Ledger("ledger"), _registry()), "w", '"my-db"')
     grants = [s for s in sql if not s.startswith("--")]
     assert grants == [
@@ -161,6 +161,7 @@ def test_the_worker_plan_grants_select_delete_column_update_and_ledger_select_in
         'GRANT SELECT, DELETE ON TABLE "stock"."item" TO "w";',
         'GRANT UPDATE ("qty", "version") ON TABLE "stock"."item" TO "w";',
         'GRANT SELECT, INSERT ON TABLE "ledger".request_ledger TO "w";',
+        'GRANT SELECT, INSERT, UPDATE ON TABLE "ledger".offset_marks TO "w";',
     ]
     text = " ".join(grants)
     for never in ("CREATE", 'INSERT ON TABLE "app"', "TRUNCATE", "ALL", "OWNER", "WITH GRANT"):
