@@ -120,6 +120,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(
         exc,
         asyncpg.InterfaceError
+        | asyncpg.InternalClientError  # a connection left mid-operation ("cannot switch to state")
         | asyncpg.InvalidCachedStatementError
         | asyncpg.exceptions.PostgresConnectionError,
     ):

@@ -503,8 +503,7 @@ class Worker:
         deadline = time.monotonic() + DATABASE_RETRY_SECONDS
         while True:
             try:
-                async with self.pool.acquire(timeout=10) as conn:
-                    outcomes = await self.engine.process(conn, envelopes)
+                outcomes = await self._process(envelopes)
                 break
             except Exception as exc:
                 if not is_transient(exc):
@@ -520,6 +519,22 @@ class Worker:
                 attempt += 1
         return {(m.partition, m.offset): o for (m, _), o in zip(lane, outcomes, strict=True)}
 
+    async def _process(self, envelopes: list[Envelope]) -> list[Outcome]:
+        """The engine on a pooled connection. Once it returned, its transaction committed
+        and the outcomes stand, whatever happens when the connection goes back to the pool
+        (resetting a connection broken by a server shutdown can fail): taking that for a
+        failed batch would answer applied requests with UnExpected faults."""
+        outcomes: list[Outcome] | None = None
+        try:
+            async with self.pool.acquire(timeout=10) as conn:
+                outcomes = await self.engine.process(conn, envelopes)
+        except Exception as exc:
+            if outcomes is None:
+                raise
+            log.warning("connection failed after its commit; dropped", error=repr(exc)[:300])
+        assert outcomes is not None
+        return outcomes
+
     async def _isolate(self, envelopes: list[Envelope]) -> list[Outcome]:
         """One request at a time, so a request that trips a bug faults alone."""
         results: list[Outcome] = []
@@ -527,8 +542,7 @@ class Worker:
             attempt = 0
             while True:
                 try:
-                    async with self.pool.acquire(timeout=10) as conn:
-                        results.extend(await self.engine.process(conn, [env]))
+                    results.extend(await self._process([env]))
                     break
                 except Exception as exc:
                     if not is_transient(exc):

@@ -198,3 +198,47 @@ async def test_a_partition_starts_at_the_groups_mark_when_the_brokers_offset_wen
         replies = await s.replies(expect=20)
     answered = sorted(r.request_id for r in replies)
     assert answered == sorted(r["request_id"] for r in first + second)
+
+
+class FailingReturns:
+    """A pool whose next ``left`` connections fail on their way back (after the body ran)."""
+
+    def __init__(self, pool: asyncpg.Pool, left: int) -> None:
+        self._pool = pool
+        self.left = left
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        conn = await self._pool.acquire(timeout=timeout)
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+        if self.left > 0:
+            self.left -= 1
+            raise asyncpg.InternalClientError("cannot switch to state 15 (injected)")
+
+
+async def test_a_connection_that_fails_on_its_way_back_to_the_pool_loses_no_outcome(
+    scenario: Scenario, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine committed, then resetting the connection fails (as asyncpg's did during a
+    PostgreSQL shutdown in the chaos run: InternalClientError). The committed outcomes
+    stand: no UnExpected fault for applied requests, no retry, each applied once."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 20)")
+    requests = updates(range(1, 21), 5, scenario.run)
+    async with running(scenario) as worker:
+        failing = FailingReturns(worker.pool, 3)
+        monkeypatch.setattr(worker, "pool", failing)
+        await scenario.send(requests)
+        replies = await scenario.replies(expect=len(requests))
+        retries = worker.metrics.registry.get_sample_value(
+            "processor_retries_total", {"cause": "database"}
+        )
+        monkeypatch.setattr(worker, "pool", failing._pool)  # stop() releases through it
+    assert failing.left == 0
+    assert not retries
+    await check_exactly_once(pg, scenario.schema, replies, requests)

@@ -183,3 +183,9 @@ def test_the_prune_plan_touches_only_the_ledger() -> None:
 def test_a_role_name_must_be_a_plain_unreserved_identifier(name: str) -> None:
     with pytest.raises(ConfigError, match="--role"):
         check_role_name(name)
+
+
+def test_a_connection_left_mid_operation_is_retried_not_a_request_fault() -> None:
+    """asyncpg's InternalClientError ("cannot switch to state ...; another operation is in
+    progress") is a broken connection, not a bad request: retry the batch elsewhere."""
+    assert is_transient(asyncpg.InternalClientError("cannot switch to state 15"))
