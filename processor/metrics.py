@@ -50,6 +50,14 @@ class Metrics:
         self.retries = Counter(
             "processor_retries", "Batches retried, by cause", ["cause"], registry=r
         )
+        self.phase = Histogram(
+            "processor_batch_phase_seconds",
+            "Time per batch in each phase: database (every lane's transaction), wait (for "
+            "the previous batch's Kafka commit), kafka (this batch's commits)",
+            ["phase"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.assigned = Gauge(
             "processor_assigned_partitions", "Partitions this worker owns", registry=r
         )

@@ -340,11 +340,22 @@ class Worker:
             if isinstance(item, Envelope):
                 key = message.key or f"{item.request.entity}:{item.request.id}".encode()
                 lanes[zlib.crc32(key) % len(lanes)].append((message, item))
+        started = time.monotonic()
         results = await asyncio.gather(
             *(self._run_lane(lane) for lane in lanes if lane), return_exceptions=True
         )
+        applied = time.monotonic()
+        self.metrics.phase.labels("database").observe(applied - started)
         # The previous commit first: its failures rewind partitions of this batch too.
         restart = await self.settle()
+        waited = time.monotonic() - applied
+        self.metrics.phase.labels("wait").observe(waited)
+        log.debug(
+            "batch applied",
+            records=total,
+            database_seconds=round(applied - started, 4),
+            wait_seconds=round(waited, 4),
+        )
         outcomes: dict[tuple[int, int], Outcome] = {}
         for lane_result in results:
             if isinstance(lane_result, BaseException):
@@ -419,9 +430,11 @@ class Worker:
         self, owned: dict[TopicPartition, list[Any]], out: dict[TopicPartition, list[OutRecord]]
     ) -> dict[TopicPartition, int]:
         """Commit each partition's records; returns the partitions to read again, and where."""
+        started = time.monotonic()
         committed = await asyncio.gather(
             *(self._commit_partition(tp, out[tp], recs) for tp, recs in owned.items())
         )
+        self.metrics.phase.labels("kafka").observe(time.monotonic() - started)
         restart = {
             tp: recs[0].offset
             for (tp, recs), ok in zip(owned.items(), committed, strict=True)
@@ -440,7 +453,12 @@ class Worker:
             if high is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(high - records[-1].offset - 1)
         self.metrics.in_flight.set(0)
-        log.debug("batch committed", partitions=sorted(tp.partition for tp in owned))
+        log.debug(
+            "batch committed",
+            partitions=sorted(tp.partition for tp in owned),
+            records=sum(len(r) for r in owned.values()),
+            kafka_seconds=round(time.monotonic() - started, 4),
+        )
         return restart
 
     def _admit(self, message: Message, now: datetime) -> Envelope | Rejected:
