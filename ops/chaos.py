@@ -70,6 +70,7 @@ from processor import kafka
 from processor.audit import ANOMALIES, AuditOptions, AuditReport, run_audit
 from processor.chaos import (
     ALL_ANOMALIES,
+    FAULT_KINDS,
     ClientHistory,
     Hostile,
     Observed,
@@ -94,18 +95,6 @@ from processor.errors import (
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 STACK: Final = ROOT / "ops" / "stack"
-KINDS: Final = (
-    "worker-kill9",
-    "worker-zombie",
-    "worker-add",
-    "worker-remove",
-    "kafka-kill9",
-    "postgres-immediate",
-    "postgres-fast",
-    "net-latency",
-    "net-reset",
-    "net-partition",
-)
 #: The short form's order: every kind once, the slow ones spread out.
 SHORT_ORDER: Final = (
     "net-latency",
@@ -963,7 +952,7 @@ class Chaos:
                 await asyncio.sleep(2.0)
             return
         while True:
-            order = list(KINDS)
+            order = list(FAULT_KINDS)
             self.rng.shuffle(order)
             for kind in order:
                 if time.monotonic() >= until:
@@ -1275,7 +1264,7 @@ def summarize(
     load: Load = result["load"]
     chaos: Chaos = result["chaos"]
     by_kind: dict[str, dict[str, Any]] = {}
-    for kind in KINDS:
+    for kind in FAULT_KINDS:
         records = [r for r in chaos.records if r.kind == kind]
         recoveries = [r.recovery for r in records if r.recovery is not None]
         disruptions = [r.disruption for r in records if r.disruption is not None]

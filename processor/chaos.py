@@ -49,6 +49,7 @@ __all__ = [
     "ALL_ANOMALIES",
     "COUNTER_MISMATCH",
     "DELETE_MISMATCH",
+    "FAULT_KINDS",
     "MODEL_ANOMALIES",
     "STALE_ACCEPTED",
     "UNANSWERED_HOSTILE",
@@ -79,6 +80,19 @@ MODEL_ANOMALIES: Final = (
 )
 #: Everything a chaos run reports: the audit's anomalies, then the model's.
 ALL_ANOMALIES: Final = (*ANOMALIES, *MODEL_ANOMALIES)
+#: The faults ``ops/chaos`` injects, in the short form's order.
+FAULT_KINDS: Final = (
+    "worker-kill9",
+    "worker-zombie",
+    "worker-add",
+    "worker-remove",
+    "kafka-kill9",
+    "postgres-immediate",
+    "postgres-fast",
+    "net-latency",
+    "net-reset",
+    "net-partition",
+)
 
 _reply_decoder: Final = msgspec.json.Decoder(Reply)
 _dead_decoder: Final = msgspec.json.Decoder(DeadLetter)

@@ -13,23 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from processor.chaos import ALL_ANOMALIES
+from processor.chaos import ALL_ANOMALIES, FAULT_KINDS
 from tests.support import ROOT
 
 pytestmark = [pytest.mark.chaos, pytest.mark.faults, pytest.mark.timeout(420)]
-
-FAULT_KINDS = (
-    "worker-kill9",
-    "worker-zombie",
-    "worker-add",
-    "worker-remove",
-    "kafka-kill9",
-    "postgres-immediate",
-    "postgres-fast",
-    "net-latency",
-    "net-reset",
-    "net-partition",
-)
 
 
 def test_the_short_chaos_run_injects_every_fault_kind_and_finds_no_anomaly(
