@@ -559,7 +559,12 @@ def prepare_sasl_ssl(stack: Stack) -> list[str]:
 
 
 def new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id: a url-safe base64 uuid that does not start with '-' (as Kafka's
+    own Uuid.randomUuid(): tools take such a value for an option)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def start_kafka(stack: Stack) -> None:
@@ -580,7 +585,7 @@ def start_kafka(stack: Stack) -> None:
         fmt = subprocess.run(
             [
                 *(java, *log_opts, "-cp", classpath, "kafka.tools.StorageTool", "format"),
-                *("--cluster-id", cluster_id, "--config", str(stack.server_properties)),
+                *(f"--cluster-id={cluster_id}", "--config", str(stack.server_properties)),
                 "--ignore-formatted",
                 *add_scram,
             ],
