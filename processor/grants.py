@@ -17,7 +17,8 @@ What the worker's SQL (processor/statements.py, processor/ledger.py) needs, per 
 * ``DELETE`` (table-level: PostgreSQL has no column-level DELETE). Never INSERT: an update
   never creates a row.
 
-The ledger: ``SELECT`` and ``INSERT`` for the worker; ``SELECT`` and ``DELETE`` for the
+The ledger: ``SELECT`` and ``INSERT`` for the worker (and ``SELECT``, ``INSERT``, ``UPDATE``
+on the offset marks beside it); ``SELECT`` and ``DELETE`` for the
 prune role (``--prune``: ``prune-ledger`` deletes by ``ctid``, a system column, which needs
 table-level SELECT). Both need ``USAGE`` on their schemas and ``CONNECT`` on the database.
 
