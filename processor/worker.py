@@ -113,6 +113,8 @@ class Worker:
         self, settings: Settings, engine: Engine, pool: asyncpg.Pool, metrics: Metrics
     ) -> None:
         settings.require("kafka_bootstrap_servers")
+        # Read once (password files, the TLS context): every producer start reuses it.
+        self._access = settings.kafka_access()
         self.settings = settings
         self.engine = engine
         self.pool = pool
@@ -137,7 +139,7 @@ class Worker:
     @property
     def bootstrap(self) -> kafka.KafkaAccess:
         """The brokers and how to reach them (TLS, SASL): every client of this worker's."""
-        return self.settings.kafka_access()
+        return self._access
 
     def ready(self) -> bool:
         return self.consumer is not None and time.monotonic() - self._last_poll < 60
