@@ -113,7 +113,8 @@ class Worker:
         self, settings: Settings, engine: Engine, pool: asyncpg.Pool, metrics: Metrics
     ) -> None:
         settings.require("kafka_bootstrap_servers")
-        # Read once (password files, the TLS context): every producer start reuses it.
+        # The brokers and how to reach them (TLS, SASL), for every client of this worker's;
+        # read once (password files, the TLS context), not at every producer start.
         self._access = settings.kafka_access()
         self.settings = settings
         self.engine = engine
@@ -135,11 +136,6 @@ class Worker:
         self._topics_checked_at = 0.0
         self._last_poll = 0.0
         self._stop = asyncio.Event()
-
-    @property
-    def bootstrap(self) -> kafka.KafkaAccess:
-        """The brokers and how to reach them (TLS, SASL): every client of this worker's."""
-        return self._access
 
     def ready(self) -> bool:
         return self.consumer is not None and time.monotonic() - self._last_poll < 60
@@ -172,7 +168,7 @@ class Worker:
         attempt = 0
         while True:
             producer = kafka.make_producer(
-                self.bootstrap,
+                self._access,
                 txn_id=kafka.transactional_id(self.settings.group_id, tp.topic, tp.partition),
             )
             try:
@@ -209,7 +205,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        consumer = kafka.make_consumer(self.bootstrap, self.settings.group_id)
+        consumer = kafka.make_consumer(self._access, self.settings.group_id)
         self.consumer = consumer
         consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
         await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
@@ -501,7 +497,7 @@ class Worker:
         return checked
 
     async def _refresh_topics(self) -> None:
-        admin = kafka.admin_client(self.bootstrap)
+        admin = kafka.admin_client(self._access)
         try:
             await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
             topics = await asyncio.wait_for(admin.list_topics(), kafka.CALL_TIMEOUT)
