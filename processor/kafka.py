@@ -23,7 +23,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
-from processor import aiokafka_fixes
+from processor import kip447
 from processor.config import Secret, kafka_security_problem
 from processor.errors import ConfigError, ProcessorError
 
@@ -168,7 +168,7 @@ def _reason(exc: OSError) -> str:
 
 
 def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
-    aiokafka_fixes.install()  # a committed offset, never "none" while the coordinator loads
+    kip447.install()  # stable committed offsets; never "none" while the coordinator loads
     settings: dict[str, Any] = {
         **access.client_options(),
         "group_id": group_id,
@@ -197,6 +197,7 @@ def make_producer(
         "request_timeout_ms": 30_000,
     }
     if txn_id is not None:
+        kip447.install()  # TxnOffsetCommit v3: offsets fenced by the group's generation
         _aiokafka_sender.BACKOFF_OVERRIDE = TXN_RETRY_BACKOFF
         settings["transactional_id"] = txn_id
         settings["transaction_timeout_ms"] = 60_000
