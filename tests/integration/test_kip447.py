@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,17 +11,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from processor import kafka, kip447
 from tests.conftest import Endpoints
-from tests.support import NewTopic, consume_all
+from tests.support import NewTopic, consume_all, until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-async def _until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -93,7 +84,7 @@ async def test_an_offset_fetch_waits_while_a_transaction_holds_the_offset_then_r
     await kip447.send_offsets_to_transaction(producer, {tp: 9}, metadata)
     unstable_before = kip447.counters["unstable_offset_fetch"]
     fetch = asyncio.create_task(reader.committed(tp))
-    await _until(
+    await until(
         lambda: kip447.counters["unstable_offset_fetch"] >= unstable_before + 2,
         "the broker to answer UNSTABLE_OFFSET_COMMIT (twice: the fetch retries)",
     )
@@ -106,7 +97,7 @@ async def test_an_offset_fetch_waits_while_a_transaction_holds_the_offset_then_r
     await kip447.send_offsets_to_transaction(producer, {tp: 12}, metadata)
     unstable_before = kip447.counters["unstable_offset_fetch"]
     fetch = asyncio.create_task(reader.committed(tp))
-    await _until(
+    await until(
         lambda: kip447.counters["unstable_offset_fetch"] > unstable_before, "an unstable answer"
     )
     await producer.abort_transaction()
@@ -129,7 +120,7 @@ async def test_a_member_of_an_old_generation_is_refused_its_offsets_and_the_prod
     first = await clients("consumer", group=group)
     assert isinstance(first, AIOKafkaConsumer)
     first.subscribe([source])
-    await _until(lambda: bool(first.assignment()), "the first member's assignment")
+    await until(lambda: bool(first.assignment()), "the first member's assignment")
     old = kip447.group_metadata(first)
     assert old.generation_id >= 1
     assert old.member_id
@@ -138,7 +129,7 @@ async def test_a_member_of_an_old_generation_is_refused_its_offsets_and_the_prod
     second = await clients("consumer", group=group)
     assert isinstance(second, AIOKafkaConsumer)
     second.subscribe([source])
-    await _until(lambda: bool(second.assignment()), "the second member's assignment")
+    await until(lambda: bool(second.assignment()), "the second member's assignment")
     new = kip447.group_metadata(second)
     assert new.generation_id > old.generation_id
 
