@@ -46,6 +46,7 @@ __all__ = [
     "Batch",
     "CommitPipeline",
     "KafkaTransactions",
+    "TransactionTimedOut",
     "Transactions",
     "WorkerIdInUse",
 ]
@@ -65,6 +66,12 @@ FENCING_WINDOW = 120.0
 
 class WorkerIdInUse(ConfigError):
     """Another live worker uses this worker's transactional id."""
+
+
+class TransactionTimedOut(Exception):
+    """The broker aborted this transaction: it stayed open past transaction.timeout.ms
+    (the worker was paused, or the broker slow), and bumped the producer's epoch, which
+    old clients see as being fenced. Not another worker: the producer is replaced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +222,15 @@ class CommitPipeline:
             return False
         except ProducerFenced:
             await self._producer_fenced()
+            return False
+        except TransactionTimedOut as exc:
+            self._metrics.fenced.labels("timeout").inc()
+            log.warning(
+                "transaction aborted by the broker: it outlived transaction.timeout.ms",
+                error=str(exc),
+                partitions=_names(batch.first),
+            )
+            await self._reset()
             return False
         except GaveUp as exc:
             log.warning(

@@ -86,11 +86,12 @@ class Metrics:
         self.fenced = Counter(
             "processor_fenced",
             "Batches not committed because this worker was fenced: by the group (generation: "
-            "it no longer owns the partitions) or by another producer of its transactional id",
+            "it no longer owns the partitions), by another producer of its transactional id "
+            "(producer), or by the broker aborting a transaction open too long (timeout)",
             ["reason"],
             registry=r,
         )
-        for reason in ("generation", "producer"):
+        for reason in ("generation", "producer", "timeout"):
             self.fenced.labels(reason)
         r.register(_Kip447Collector())
 
