@@ -87,11 +87,12 @@ class Metrics:
             "processor_fenced",
             "Batches not committed because this worker was fenced: by the group (generation: "
             "it no longer owns the partitions), by another producer of its transactional id "
-            "(producer), or by the broker aborting a transaction open too long (timeout)",
+            "(producer), by the broker aborting a transaction open too long (timeout), or "
+            "left before applying because the worker stalled out of the group (stalled)",
             ["reason"],
             registry=r,
         )
-        for reason in ("generation", "producer", "timeout"):
+        for reason in ("generation", "producer", "timeout", "stalled"):
             self.fenced.labels(reason)
         r.register(_Kip447Collector())
 

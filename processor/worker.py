@@ -74,6 +74,10 @@ log = get_logger("processor.worker")
 
 #: How long the worker tries to start its producer before it gives up (exit).
 START_RETRY_SECONDS = 60.0
+#: A loop that did not come back to its fetch for this long was stalled (the process
+#: paused, the machine starved): a heartbeat interval, so that the group may have
+#: evicted it. Before applying what it fetched, it asks the coordinator.
+STALL_SECONDS = 3.0
 
 
 class Worker:
@@ -224,6 +228,22 @@ class Worker:
         group = kip447.group_metadata(self.consumer)
         now = datetime.now(UTC)
         owned = self.ownership.owned(fetched)
+        stalled = time.monotonic() - self._last_poll
+        if owned and stalled > STALL_SECONDS:
+            # The group's Kafka commit would refuse this batch, but its database writes
+            # would land first, possibly ahead of the new owner's on the same rows.
+            problem = await kip447.membership_problem(self.consumer)
+            if problem is not None:
+                self.metrics.fenced.labels("stalled").inc()
+                log.warning(
+                    "stalled past a heartbeat and no longer a current member: the fetched "
+                    "records are left to the group",
+                    stalled_seconds=round(stalled, 1),
+                    problem=problem,
+                )
+                self.ownership.rewind({tp: records[0].offset for tp, records in owned.items()})
+                await self.settle()
+                return
         total = sum(len(r) for r in owned.values())
         if not total:
             await self.settle()
