@@ -553,7 +553,8 @@ class _Workers:
                 self.procs.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "processor", "run"],
-                        env=env,
+                        # N workers on one host: each its own transactional id
+                        env={**env, "PROCESSOR_WORKER_ID": f"loadtest-{i}"},
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
