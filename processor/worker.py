@@ -101,6 +101,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._worker.batch_lock:
             await self._worker.settle()
             await asyncio.gather(*(self._worker.close_producer(tp) for tp in revoked))
+            self._worker.metrics.partitions_revoked(tp.partition for tp in revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self._worker.take_partitions(assigned)
@@ -144,6 +145,7 @@ class Worker:
 
     async def take_partitions(self, assigned: Sequence[TopicPartition]) -> None:
         self._unverified.update(assigned)
+        self.metrics.partitions_assigned(tp.partition for tp in assigned)
         for tp in assigned:
             if self._fenced.pop(tp, None) is not None and self.consumer is not None:
                 self.consumer.resume(tp)
