@@ -48,10 +48,13 @@ class ClientEvent:
 
     source: str
     name: str
+    #: Never more than debug: the processor says it itself (a failed bootstrap raises,
+    #: and the command reports it as one line).
+    quiet: bool = False
 
 
-def _events(source: str, name: str, *templates: str) -> dict[str, ClientEvent]:
-    return dict.fromkeys(templates, ClientEvent(source, name))
+def _events(source: str, name: str, *templates: str, quiet: bool = False) -> dict[str, ClientEvent]:
+    return dict.fromkeys(templates, ClientEvent(source, name, quiet))
 
 
 #: Expected client events, by the library's message template (``LogRecord.msg``, before
@@ -62,14 +65,19 @@ def _events(source: str, name: str, *templates: str) -> dict[str, ClientEvent]:
 CLIENT_EVENTS: Final[Mapping[str, ClientEvent]] = {
     **_events(
         "aiokafka",
-        "connection_failed",
+        "bootstrap_failed",
         'Unable connect to "%s:%s": %s',
+        'Unable to request metadata from "%s:%s": %s',
+        quiet=True,
+    ),
+    **_events(
+        "aiokafka",
+        "connection_failed",
         "Unable connect to node with id %s: %s",
     ),
     **_events(
         "aiokafka",
         "metadata_failed",
-        'Unable to request metadata from "%s:%s": %s',
         "Unable to request metadata from node with id %s: %r",
         "Unable to update metadata from %s",
     ),
@@ -196,6 +204,8 @@ def _throttled(event: ClientEvent, record: logging.LogRecord) -> int:
     key = (event.source, event.name)
     with _lock:
         _counts[key] = _counts.get(key, 0) + 1
+        if event.quiet:
+            return logging.DEBUG
         last, suppressed = _shown.get(key, (float("-inf"), 0))
         if record.created - last < CLIENT_EVENT_INTERVAL:
             _shown[key] = (last, suppressed + 1)

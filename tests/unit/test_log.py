@@ -32,6 +32,8 @@ log.debug("own debug")
 client = logging.getLogger("aiokafka.client")
 for node in (1, 2, 3):  # a broker away: every retry says so; one info line, then debug
     client.error("Unable connect to node with id %s: %s", node, "Connect call failed")
+# a failed bootstrap: the command says so itself, as one line
+logging.getLogger("aiokafka").error('Unable connect to "%s:%s": %s', "127.0.0.1", 1, "refused")
 logging.getLogger("aiokafka.consumer.group_coordinator").warning(
     "Heartbeat failed for group %s because it is rebalancing", "grp"
 )
@@ -103,6 +105,7 @@ def test_every_line_is_a_json_object_whoever_wrote_it() -> None:
     )
     assert unable["logger"] == "aiokafka.client"
     assert "Unable connect to node with id 2: Connect call failed" not in events  # debug
+    assert not any(e.startswith('Unable connect to "127.0.0.1:1"') for e in events)  # debug
     rebalance = events["Heartbeat failed for group grp because it is rebalancing"]
     assert (rebalance["level"], rebalance["client_event"]) == ("info", "rebalance")
     # aiokafka's INFO details: debug
@@ -111,7 +114,7 @@ def test_every_line_is_a_json_object_whoever_wrote_it() -> None:
     assert events["Failed to restore the pool connection"]["level"] == "warning"
     warned = events["UserWarning: an odd thing"]
     assert (warned["level"], warned["logger"]) == ("warning", "py.warnings")
-    assert warned["warning_at"] == "<string>:19"  # the warn() call in SCRIPT
+    assert warned["warning_at"] == "<string>:21"  # the warn() call in SCRIPT
     own = events["own failure"]
     assert own["level"] == "error"
     assert "ZeroDivisionError" in own["exception"]
@@ -123,6 +126,7 @@ def test_every_line_is_a_json_object_whoever_wrote_it() -> None:
     assert "RuntimeError: uncaught" in uncaught["exception"]
     counts = events["counts"]
     assert counts["aiokafka/connection_failed"] == 3
+    assert counts["aiokafka/bootstrap_failed"] == 1
     assert counts["aiokafka/rebalance"] == 1
     assert counts["asyncpg/warning"] == 1
     assert counts["asyncio/error"] == 1
@@ -144,6 +148,8 @@ def test_debug_shows_the_libraries_details_and_every_retry() -> None:
     assert joined["level"] == "debug"
     again = events["Unable connect to node with id 2: Connect call failed"]
     assert (again["level"], again["client_event"]) == ("debug", "connection_failed")
+    bootstrap = events['Unable connect to "127.0.0.1:1": refused']
+    assert (bootstrap["level"], bootstrap["client_event"]) == ("debug", "bootstrap_failed")
 
 
 def test_the_console_format_is_text_for_a_terminal() -> None:
