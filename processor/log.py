@@ -255,6 +255,22 @@ def _unraisablehook(unraisable: Any) -> None:
     )
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is written (as logging's own
+    last-resort handler does), not to the one there was at configuration."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
 def configure_logging(
     level: str = "info", fmt: str = "json", *, stream: TextIO | None = None
 ) -> None:
@@ -276,7 +292,7 @@ def configure_logging(
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
         tail = []  # the console renderer formats exceptions itself
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.addFilter(_Levels(threshold))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
