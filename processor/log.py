@@ -145,7 +145,8 @@ def _reset_counts() -> None:
             _counts[(event.source, event.name)] = 0
         for source in CLIENT_EVENT_SOURCES:
             _counts[(source, "warning")] = 0
-            _counts[(source, "error")] = 0
+            if source != "warnings":  # Python warnings are warnings
+                _counts[(source, "error")] = 0
 
 
 _reset_counts()
