@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, flags)
         from processor.log import configure_logging
 
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         command = args.command
         if command == "schemas":
             import processor.schemas as schemas

@@ -7,6 +7,7 @@ never see each other's data. Workers are subprocesses, so they can be killed for
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -321,3 +322,19 @@ async def check_exactly_once(
         assert seqs == sorted(seqs), f"key {key} applied out of order: {seqs[:20]}"
     ledger = await conn.fetchval(f"SELECT count(*) FROM {schema}.request_ledger WHERE applied")
     assert ledger == len(ids)
+
+
+def json_log_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a worker's output, each a JSON log object (the test fails on any other)."""
+    text = path.read_text(errors="replace")
+    parsed: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            value = None
+        keys = value.keys() if isinstance(value, dict) else set()
+        if not {"event", "level", "timestamp"} <= keys:
+            raise AssertionError(f"{path.name}: not a JSON log line: {line!r}\n\n{text[-5000:]}")
+        parsed.append(value)
+    return parsed
