@@ -1158,13 +1158,13 @@ class Auditor:
         if mismatched:
             if ledger is None:
                 detail = (
-                    f"{len(mismatched)} replies ({mismatched[0].summary}) with a ledgered "
-                    "outcome but no ledger row"
+                    f"{_n(len(mismatched), 'reply', 'replies')} ({mismatched[0].summary}) "
+                    "with a ledgered outcome but no ledger row"
                 )
             else:
                 detail = (
-                    f"{len(mismatched)} of {len(copies)} replies are not the ledger's reply "
-                    f"bytes (ledger: {ledger.summary}; reply: {mismatched[0].summary})"
+                    f"{len(mismatched)} of {_n(len(copies), 'reply', 'replies')} not the "
+                    f"ledger's reply bytes (ledger: {ledger.summary}; reply: {mismatched[0].summary})"
                 )
             self.report(
                 Anomaly(LEDGER_MISMATCH, detail, rid, where=tuple(c.where for c in mismatched))
@@ -1200,7 +1200,8 @@ class Auditor:
                 self.report(
                     Anomaly(
                         DUPLICATE_REPLY,
-                        f"{len(copies)} replies for {len(recs)} record(s), {expected} expected"
+                        f"{_n(len(copies), 'reply', 'replies')} for {_n(len(recs), 'record')}, "
+                        f"{expected} expected"
                         + (
                             ""
                             if self.complete
@@ -1270,7 +1271,7 @@ class Auditor:
             self.report(
                 Anomaly(
                     SPURIOUS_DEAD_LETTER,
-                    f"{have} dead letter(s) for a record whose outcome needs none",
+                    f"{_n(have, 'dead letter')} for a record whose outcome needs none",
                     rec.request_id,
                     where=where,
                 )
@@ -1297,7 +1298,7 @@ class Auditor:
             self.report(
                 Anomaly(
                     REPLY_WITHOUT_REQUEST,
-                    f"{len(copies)} replies; no request with this id on "
+                    f"{_n(len(copies), 'reply', 'replies')}; no request with this id on "
                     f"{self.request_topic} and no ledger row",
                     rid,
                     where=where,
