@@ -1164,7 +1164,8 @@ class Auditor:
             else:
                 detail = (
                     f"{len(mismatched)} of {_n(len(copies), 'reply', 'replies')} not the "
-                    f"ledger's reply bytes (ledger: {ledger.summary}; reply: {mismatched[0].summary})"
+                    f"ledger's reply bytes (ledger: {ledger.summary}; "
+                    f"reply: {mismatched[0].summary})"
                 )
             self.report(
                 Anomaly(LEDGER_MISMATCH, detail, rid, where=tuple(c.where for c in mismatched))
