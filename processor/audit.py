@@ -1957,6 +1957,24 @@ async def _read_topics(
             "ledger row cannot be placed and are counted as unverifiable"
         )
 
+    # How far each replay group got: what `kafka-consumer-groups --describe` would say,
+    # so that an operator knows whether the replay has caught up before trusting the audit.
+    replay_lag: dict[str, int] = {}
+    for group in dict.fromkeys(options.replayed_groups):
+        if group == settings.group_id or not groups.get(group):
+            continue
+        committed = groups[group]
+        behind = sum(max(0, req_end[p] - committed.get(p, req_start[p])) for p in req_parts)
+        replay_lag[group] = behind
+        auditor.notes.append(
+            f"replay group {group} has caught up (its committed offsets are at the end of "
+            f"{settings.request_topic})"
+            if behind == 0
+            else f"replay group {group} is {_n(behind, 'record')} behind the end of "
+            f"{settings.request_topic}: if it is still running, audit again once it has caught "
+            "up (records past its committed offsets expect no republished copy)"
+        )
+
     original, replays = (
         groups[settings.group_id],
         [groups[g] for g in dict.fromkeys(options.replayed_groups) if g != settings.group_id],
@@ -2001,6 +2019,7 @@ async def _read_topics(
         "dlq_topic": settings.dlq_topic,
         "group": settings.group_id,
         "replayed_groups": list(options.replayed_groups),
+        "replay_lag": replay_lag,
         "accept_republished": options.accept_republished,
     }
     return auditor, scope, passes, consumed
