@@ -724,6 +724,10 @@ async def run_audit_hook(
     )
 
 
+def _ms(value: Any) -> str:
+    return f"{value:,.1f}" if isinstance(value, int | float) else "-"
+
+
 def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
@@ -1041,24 +1045,27 @@ def figure(result: dict[str, Any]) -> Any:
     top.legend(loc="upper right")
     top.grid(True, which="both", alpha=0.3)
     o = result["options"]
+    op = result["latency_ms"].get("op", {})
     load = f"{o['clients']} clients" if o["mode"] == "closed" else f"{o['rate']} ops/s"
     top.set_title(
         f"processor loadtest: {o['mode']} loop, {load}, {o['rows']} rows, skew {o['skew']}"
-        f" - p50 {result['latency_ms'].get('op', {}).get('p50')} ms, "
-        f"p99 {result['latency_ms'].get('op', {}).get('p99')} ms",
+        f" - operation p50 {_ms(op.get('p50'))} ms, p99 {_ms(op.get('p99'))} ms",
         fontsize=10,
     )
     # Throughput as rates over each bucket's length, during the load only: the drain after
     # it starts nothing new, and a short last bucket is not a fall in throughput.
-    loaded = [p for p in timeline if not p.get("drain")]
-    lx = [p["t"] + min(p.get("span_s", 1.0), 1.0) / 2 for p in loaded]
-    for key, fallback, label in (
+    # (A result written before these fields existed: derived from the run's length.)
+    end = result["elapsed_s"]
+    loaded = [p for p in timeline if not p.get("drain", p["t"] >= o["duration"])]
+    spans = [p.get("span_s", max(1e-3, min(1.0, end - p["t"]))) for p in loaded]
+    lx = [p["t"] + span / 2 for p, span in zip(loaded, spans, strict=True)]
+    for key, count, label in (
         ("ops_per_s", "ops", "operations/s"),
         ("requests_per_s", "requests", "requests/s"),
         ("conflicts_per_s", "conflicts", "version conflicts/s"),
     ):
-        bottom.plot(lx, [p.get(key, p[fallback]) for p in loaded], label=label)
-    end = result["elapsed_s"]
+        rates = [p.get(key, p[count] / span) for p, span in zip(loaded, spans, strict=True)]
+        bottom.plot(lx, rates, label=label)
     for axis in (top, bottom):
         axis.axvline(o["duration"], color="grey", linestyle=":", linewidth=1)
         if end > o["duration"]:
