@@ -540,6 +540,8 @@ class ReplyCopy:
     def summary(self) -> str:
         if self.status == "fault":
             return f"fault {_fault_name(self.fault_code)}"
+        if self.row_version is None:  # a delete (or a reply without a version)
+            return f"{self.status} {self.type}"
         return f"{self.status} {self.type} version {self.row_version}"
 
 
@@ -1750,10 +1752,14 @@ def _coverage(report: AuditReport) -> dict[str, list[str]]:
         )
     not_judged = []
     if c["ledger_rows_other_topics"]:
+        whose = (
+            f"of {_n(c['other_topics'], 'other request topic')}"
+            if c["other_topics"]
+            else "without a source topic"
+        )
         not_judged.append(
-            f"{_n(c['ledger_rows_other_topics'], 'ledger row')} of "
-            f"{_n(c['other_topics'], 'other request topic')} sharing {s['ledger']}: their "
-            "requests, replies and version chains (audit each with its own "
+            f"{_n(c['ledger_rows_other_topics'], 'ledger row')} {whose} sharing {s['ledger']}: "
+            "their requests, replies and version chains (audit each with its own "
             "PROCESSOR_REQUEST_TOPIC)"
         )
     if c["chain_records"]:
