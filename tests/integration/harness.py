@@ -124,6 +124,18 @@ class Scenario:
 
     async def setup(self, conn: asyncpg.Connection) -> None:
         await conn.execute(TABLE_SQL.format(schema=self.schema))
+        await self._topics_and_ledger()
+
+    async def sharing(self) -> Scenario:
+        """Another deployment on this one's schema (tables and ledger), with its own topics,
+        group and registry file: what a shared ledger sees."""
+        tmp = self.tmp / f"sharing-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        other = Scenario(self.kafka, self.database_url, self.schema, tmp, self.partitions)
+        await other._topics_and_ledger()
+        return other
+
+    async def _topics_and_ledger(self) -> None:
         (self.tmp / "entities.toml").write_text(REGISTRY.format(schema=self.schema))
         admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka)
         await admin.start()
