@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,7 +111,11 @@ class Worker:
         self.applier = Applier(engine, pool, metrics, stop=self._stop)
         self.transactions = transactions or KafkaTransactions(self._access, self.transactional_id)
         self.pipeline = CommitPipeline(
-            self.transactions, metrics, stop=self._stop, retry_seconds=commit_retry_seconds
+            self.transactions,
+            metrics,
+            committed=self._committed,
+            stop=self._stop,
+            retry_seconds=commit_retry_seconds,
         )
         self.batch_lock = asyncio.Lock()
         self.ownership = Ownership(metrics, self._settle_locked)
@@ -119,6 +124,9 @@ class Worker:
         # it returns the partitions to rewind, and where.
         self._committing: asyncio.Task[dict[TopicPartition, int]] | None = None
         self._fatal: BaseException | None = None
+        # Partitions rewound after a commit that did not (or may not) land: before their
+        # next batch, their position is checked against the committed offset.
+        self._verify: set[TopicPartition] = set()
         self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
         self._topics_checked_at = 0.0
         self._last_poll = 0.0
@@ -219,6 +227,7 @@ class Worker:
             if task.done():
                 self._committing = None
         self.ownership.rewind(rewinds)
+        self._verify.update(rewinds)
         return rewinds
 
     async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
@@ -228,6 +237,8 @@ class Worker:
         group = kip447.group_metadata(self.consumer)
         now = datetime.now(UTC)
         owned = self.ownership.owned(fetched)
+        if self._verify & owned.keys():
+            owned = await self._verified(owned)
         stalled = time.monotonic() - self._last_poll
         if owned and stalled > STALL_SECONDS:
             # The group's Kafka commit would refuse this batch, but its database writes
@@ -300,6 +311,46 @@ class Worker:
             timestamps=[r.timestamp for records in owned.values() for r in records],
         )
         self._committing = asyncio.create_task(self._commit(batch), name="commit")
+
+    async def _committed(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offsets, read stable (kip447): an open transaction
+        holding them is waited for."""
+        assert self.consumer is not None
+        consumer = self.consumer
+        return {
+            tp: await asyncio.wait_for(consumer.committed(tp), kafka.CALL_TIMEOUT)
+            for tp in partitions
+        }
+
+    async def _verified(
+        self, owned: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """Owned records, less those of rewound partitions whose committed offset is not
+        where the rewind put them: a commit given up on Kafka's silence may have landed
+        (then the records are answered already), or a new owner may have moved on."""
+        checked = self._verify & owned.keys()
+        try:
+            committed = await self._committed(sorted(checked, key=lambda tp: tp.partition))
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("cannot read committed offsets yet", error=repr(exc)[:300])
+            self.ownership.rewind({tp: owned[tp][0].offset for tp in checked})
+            return {tp: r for tp, r in owned.items() if tp not in checked}
+        self._verify -= checked
+        keep = dict(owned)
+        for tp in checked:
+            offset = committed.get(tp)
+            if offset is not None and offset != owned[tp][0].offset:
+                log.info(
+                    "partition moved to its committed offset",
+                    partition=tp.partition,
+                    committed=offset,
+                    fetched_from=owned[tp][0].offset,
+                )
+                self.ownership.rewind({tp: offset})
+                del keep[tp]
+        return keep
 
     async def _commit(self, batch: Batch) -> dict[TopicPartition, int]:
         """Commit a batch; returns the partitions to read again, and where."""

@@ -64,8 +64,26 @@ class FakeTransactions:
         pass
 
 
-def pipeline(txns: FakeTransactions, clock: Clock, seconds: float = 0.0) -> CommitPipeline:
-    return CommitPipeline(txns, Metrics(), stop=asyncio.Event(), retry_seconds=seconds, clock=clock)
+def pipeline(
+    txns: FakeTransactions,
+    clock: Clock,
+    seconds: float = 0.0,
+    committed: dict[TopicPartition, int | None] | None = None,
+) -> CommitPipeline:
+    """A pipeline over ``txns``; ``committed``: what the group's offsets read as."""
+    offsets = committed if committed is not None else {TP: 10}
+
+    async def read(partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+        return {tp: offsets.get(tp) for tp in partitions}
+
+    return CommitPipeline(
+        txns,
+        Metrics(),
+        committed=read,
+        stop=asyncio.Event(),
+        retry_seconds=seconds,
+        clock=clock,
+    )
 
 
 def fenced(p: CommitPipeline, reason: str) -> float:
@@ -124,6 +142,22 @@ async def test_transient_failures_are_retried_with_a_new_producer_within_the_bud
     assert await p.commit(BATCH)
     assert txns.resets == 2
     assert txns.commits == [{TP: 20}]
+
+
+async def test_a_failed_attempt_that_landed_after_all_is_not_sent_again() -> None:
+    """The commit timed out after the broker took it (EndTxn written, answer lost): the
+    committed offset is the batch's end, so the retry does not publish it twice."""
+    txns = FakeTransactions(TimeoutError())
+    p = pipeline(txns, Clock(), seconds=60, committed={TP: 20})
+    assert await p.commit(BATCH)
+    assert txns.commits == []
+
+
+async def test_a_batch_another_worker_committed_past_is_abandoned() -> None:
+    txns = FakeTransactions(KafkaConnectionError())
+    p = pipeline(txns, Clock(), seconds=60, committed={TP: 35})
+    assert not await p.commit(BATCH)
+    assert txns.commits == []
 
 
 async def test_a_spent_budget_leaves_the_batch_to_be_read_again() -> None:
