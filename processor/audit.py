@@ -124,7 +124,7 @@ import asyncpg
 import msgspec
 from aiokafka import TopicPartition
 
-from processor import kafka
+from processor import db, kafka
 from processor.config import Settings
 from processor.contract import DeadLetter, Reply
 from processor.engine import Envelope
@@ -1506,10 +1506,7 @@ async def run_audit(
     bootstrap = settings.kafka_access()
     shown = _Progress(progress)
     ledger = Ledger(settings.ledger_schema)
-    try:
-        conn = await asyncpg.connect(settings.database_url, timeout=30)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise ProcessorError(f"cannot connect to DATABASE_URL: {exc}") from exc
+    conn = await db.connect(settings)  # one line if it cannot: unreachable or refused
     try:
         if await conn.fetchval("SELECT to_regclass($1)", ledger.table) is None:
             raise ConfigError(f"the ledger {ledger.table} does not exist")

@@ -17,9 +17,16 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from processor.config import Settings, redact_url
-from processor.errors import ProcessorError
+from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
 
-__all__ = ["APPLICATION_NAME", "Connection", "connect", "create_pool", "session_settings"]
+__all__ = [
+    "APPLICATION_NAME",
+    "Connection",
+    "connect",
+    "connect_error",
+    "create_pool",
+    "session_settings",
+]
 
 #: Connection: a connection of its own or one lent by a pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -94,6 +101,28 @@ def describe_connect_error(url: str, exc: BaseException) -> str:
     return text
 
 
+#: SQLSTATE classes of a server that is there but cannot take the connection now:
+#: 08 connection exception, 53 insufficient resources (too many connections), 57 operator
+#: intervention (starting up, shutting down). Any other refusal (login, database, TLS) is
+#: a setting to fix.
+_UNAVAILABLE_CLASSES: Final = ("08", "53", "57")
+
+
+def connect_error(url: str, exc: BaseException) -> ProcessorError:
+    """The error to raise for a failed connection attempt: :class:`ServiceUnreachable` when
+    the server cannot be reached (or cannot take a connection now), :class:`ConfigError`
+    when it refused what the settings ask (login, database, TLS), each one line."""
+    text = describe_connect_error(url, exc)
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        unavailable = state.startswith(_UNAVAILABLE_CLASSES)
+    else:
+        unavailable = isinstance(exc, OSError | TimeoutError) and not isinstance(
+            exc, ssl.SSLError | FileNotFoundError | IsADirectoryError | PermissionError
+        )
+    return ServiceUnreachable(text) if unavailable else ConfigError(text)
+
+
 def _url(settings: Settings) -> str:
     settings.require("database_url")
     assert settings.database_url is not None
@@ -114,7 +143,7 @@ async def connect(settings: Settings, *, timeouts: bool = False) -> asyncpg.Conn
             server_settings=server_settings,
         )
     except _CONNECT_ERRORS as exc:
-        raise ProcessorError(describe_connect_error(url, exc)) from exc
+        raise connect_error(url, exc) from exc
 
 
 async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]:
@@ -134,6 +163,6 @@ async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]
             server_settings=session_settings(settings),
         )
     except _CONNECT_ERRORS as exc:
-        raise ProcessorError(describe_connect_error(url, exc)) from exc
+        raise connect_error(url, exc) from exc
     assert pool is not None
     return pool

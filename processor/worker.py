@@ -208,7 +208,13 @@ class Worker:
         consumer = kafka.make_consumer(self._access, self.settings.group_id)
         self.consumer = consumer
         consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
-        await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+        try:
+            await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+        except BaseException:  # e.g. Kafka unreachable: close it, or asyncio warns "Unclosed"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), kafka.CALL_TIMEOUT)
+            self.consumer = None
+            raise
         log.info("worker started", group=self.settings.group_id, topic=self.settings.request_topic)
         try:
             while not stop.is_set():
