@@ -1827,7 +1827,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--entity", help="print the ledger history of this entity's records")
     parser.add_argument("--id", dest="record_id", help="... of this record only (with --entity)")
-    parser.add_argument("--history-limit", type=int, default=1000, metavar="N")
+    parser.add_argument(
+        "--history-limit", type=int, default=1000, metavar="N", help="ledger entries shown at most"
+    )
     parser.add_argument(
         "--reply-slack",
         type=float,
@@ -1840,7 +1842,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not read the reply_to topics that requests name",
     )
-    parser.add_argument("--max-examples", type=int, default=20, metavar="N")
+    parser.add_argument(
+        "--max-examples", type=int, default=20, metavar="N", help="examples shown per anomaly kind"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

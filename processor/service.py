@@ -87,20 +87,23 @@ async def check_connection_capacity(conn: Connection, settings: Settings) -> Non
     )
     assert row is not None
     need = pool_size(settings)
-    limits = [(row["max_connections"] - row["reserved"], "the server's max_connections")]
+    limits = [(row["max_connections"] - row["reserved"], "the server")]
     limits += [(row["role_limit"], "the role's CONNECTION LIMIT")] * (row["role_limit"] >= 0)
     limits += [(row["db_limit"], "the database's CONNECTION LIMIT")] * (row["db_limit"] >= 0)
     allowed, what = min(limits)
     if need > allowed:
-        detail = (
-            f"max_connections={row['max_connections']} less {row['reserved']} reserved"
-            if what.startswith("the server")
-            else str(allowed)
+        detail = ""
+        if what == "the server":
+            detail = f" (max_connections={row['max_connections']} less {row['reserved']} reserved)"
+        lanes = allowed - 1
+        fix = (
+            f"lower PROCESSOR_LANES to {lanes} or less"
+            if lanes >= 1
+            else "raise the limit: a worker needs at least 2"
         )
         raise ConfigError(
             f"PROCESSOR_LANES={settings.lanes} needs {need} database connections (one per "
-            f"lane and one more), but {what} allows at most {allowed} ({detail}): "
-            f"lower PROCESSOR_LANES to {max(allowed - 1, 1)} or less"
+            f"lane and one more), but {what} allows at most {allowed}{detail}: {fix}"
         )
 
 

@@ -102,7 +102,7 @@ def test_the_metrics_server_listens_on_the_address_given(value: str, host: str) 
 
 @pytest.mark.parametrize("value", ["a b", "-x", "x..y", "1.2.3.4:80", "a" * 64])
 def test_a_bad_metrics_host_is_a_config_error_naming_it(value: str) -> None:
-    with pytest.raises(ConfigError, match="PROCESSOR_METRICS_HOST=.*IP address"):
+    with pytest.raises(ConfigError, match=r"PROCESSOR_METRICS_HOST=.*IP address"):
         Settings.from_env({"PROCESSOR_METRICS_HOST": value})
 
 
