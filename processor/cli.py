@@ -495,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from processor.log import configure_logging
 
         configure_logging(settings.log_level)
-        logging.getLogger("aiokafka").addFilter(_BootstrapNoise())
+        aiokafka_log = logging.getLogger("aiokafka")
+        if not any(isinstance(f, _BootstrapNoise) for f in aiokafka_log.filters):
+            aiokafka_log.addFilter(_BootstrapNoise())
         command = args.command
         if command == "schemas":
             import processor.schemas as schemas
