@@ -459,14 +459,21 @@ async def _explained(settings: Settings, command: Coroutine[Any, Any, int]) -> i
     """Run ``command``; a client that could not reach Kafka gets the reason, not a traceback."""
     from aiokafka.errors import KafkaConnectionError
 
+    from processor.kafka import explain_unreachable, find_problem
+
     try:
         return await command
     except KafkaConnectionError as exc:  # aiokafka's bare "Unable to bootstrap from ..."
         if settings.kafka_bootstrap_servers is None:
             raise
-        from processor.kafka import explain_unreachable
-
         raise await explain_unreachable(settings.kafka_access(), exc) from None
+    except TimeoutError:  # most likely a Kafka call bounded by kafka.CALL_TIMEOUT
+        if settings.kafka_bootstrap_servers is None:
+            raise
+        problem = await find_problem(settings.kafka_access())
+        if problem is None:  # Kafka answers: the timeout is something else's
+            raise
+        raise problem from None
 
 
 class _BootstrapNoise(logging.Filter):

@@ -31,6 +31,9 @@ __all__ = [
 #: Connection: a connection of its own or one lent by a pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
+#: Seconds a connection attempt may take (the server may be slow to accept, never silent).
+CONNECT_TIMEOUT: Final = 30.0
+
 #: ``application_name`` of the processor's sessions (pg_stat_activity).
 APPLICATION_NAME: Final = "processor"
 
@@ -91,6 +94,8 @@ def describe_connect_error(url: str, exc: BaseException) -> str:
             f"cannot read a TLS file named in DATABASE_URL (sslrootcert, sslcert, sslkey) or "
             f"the PGSSL* variables: {exc.strerror or exc}"
         )
+    elif isinstance(exc, TimeoutError):
+        reason = f"no answer within {CONNECT_TIMEOUT:g} s"
     else:
         reason = f"{type(exc).__name__}: {exc}".strip()
     text = f"cannot connect to PostgreSQL at {where} (DATABASE_URL={redact_url(url)}): {reason}"
@@ -138,7 +143,7 @@ async def connect(settings: Settings, *, timeouts: bool = False) -> asyncpg.Conn
     try:
         return await asyncpg.connect(
             url,
-            timeout=30,
+            timeout=CONNECT_TIMEOUT,
             command_timeout=_command_timeout(settings) if timeouts else None,
             server_settings=server_settings,
         )
@@ -159,7 +164,7 @@ async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]
             min_size=1,
             max_size=max_size,
             command_timeout=_command_timeout(settings),
-            timeout=30,
+            timeout=CONNECT_TIMEOUT,
             server_settings=session_settings(settings),
         )
     except _CONNECT_ERRORS as exc:

@@ -34,6 +34,7 @@ __all__ = [
     "check_access",
     "ensure_topics",
     "explain_unreachable",
+    "find_problem",
     "make_consumer",
     "make_producer",
     "transactional_id",
@@ -257,6 +258,13 @@ async def explain_unreachable(access: KafkaAccess, error: BaseException) -> Proc
     to check (SASL login refused, certificate not trusted, TLS against a plaintext listener
     or the reverse), or a :class:`ServiceUnreachable` (unreachable, or no cause found).
     """
+    found = await find_problem(access)
+    return found or ServiceUnreachable(f"cannot use Kafka at {access.bootstrap}: {error}")
+
+
+async def find_problem(access: KafkaAccess) -> ProcessorError | None:
+    """One connection per bootstrap host: the first :class:`ConfigError`, else the first
+    :class:`ServiceUnreachable`, else None (every host answers)."""
     found: ProcessorError | None = None
     for host, port, _family in collect_hosts(access.bootstrap, randomize=False):
         problem = await _probe(access, f"{host}:{port}", host, port)
@@ -265,7 +273,7 @@ async def explain_unreachable(access: KafkaAccess, error: BaseException) -> Proc
         if isinstance(problem, ConfigError):
             return problem
         found = found or problem
-    return found or ServiceUnreachable(f"cannot use Kafka at {access.bootstrap}: {error}")
+    return found
 
 
 async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> ProcessorError | None:

@@ -163,6 +163,16 @@ def closing_port() -> Iterator[ClosingPort]:
     port.close()
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # the kernel completes the handshakes: nobody ever reads
+    yield sock.getsockname()[1]
+    sock.close()
+
+
 def _registry_dir(scenario: Scenario) -> Path:
     """A demo registry of the scenario's tables, with a schema.sql next to it (for demo)."""
     demo = scenario.tmp / "demo"
@@ -239,6 +249,30 @@ def test_postgresql_that_cannot_be_reached_is_one_line_and_exit_4(
     if how == "closes":
         assert closing_port.accepted > 0
     assert out.stdout == ""
+
+
+def test_kafka_that_never_answers_is_one_line_and_exit_4(
+    scenario: Scenario, silent_port: int
+) -> None:
+    """The client call's bound (kafka.CALL_TIMEOUT) fires first: one line, not a traceback."""
+    out = processor(scenario.env(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{silent_port}"), "topics")
+    assert out.returncode == 4, (out.returncode, out.stderr)
+    assert the_one_line(out) == (
+        f"processor: service unreachable: Kafka at 127.0.0.1:{silent_port} did not answer in "
+        "time (KAFKA_SECURITY_PROTOCOL=PLAINTEXT)"
+    )
+
+
+def test_postgresql_that_never_answers_is_one_line_and_exit_4(
+    scenario: Scenario, silent_port: int
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{silent_port}/processor"
+    out = processor(scenario.env(DATABASE_URL=url), "migrate")
+    assert out.returncode == 4, (out.returncode, out.stderr)
+    assert the_one_line(out) == (
+        f"processor: service unreachable: cannot connect to PostgreSQL at 127.0.0.1:"
+        f"{silent_port} (DATABASE_URL={url}): no answer within 30 s"
+    )
 
 
 # --- 5. send and bad input -----------------------------------------------------------------
