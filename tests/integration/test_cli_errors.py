@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from tests.conftest import Endpoints
 from tests.integration.harness import Scenario
-from tests.support import free_port
+from tests.support import free_port, readme_table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -388,3 +389,32 @@ async def test_demo_setup_only_creates_the_tables_ledger_and_topics_and_stops(
     topics = await asyncio.to_thread(processor, env, "topics")
     assert f"{topic}: exists" in topics.stdout.splitlines(), topics.stdout
     assert "worker started" not in out.stderr  # no worker ran
+
+
+def _printed(command: str) -> list[re.Pattern[str]]:
+    """The README command table's stdout cell for ``command``, as line patterns: each
+    backquoted text, with ``<placeholder>`` matching anything."""
+    rows = {row[0].strip("`"): row[2] for row in readme_table("| command | what it does |")}
+    return [
+        re.compile(".+".join(re.escape(part) for part in re.split(r"<[^>]+>", text)))
+        for text in re.findall(r"`([^`]+)`", rows[command])
+    ]
+
+
+async def test_each_command_prints_what_the_readme_command_table_says(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    env = scenario.env(PROCESSOR_ENTITIES=str(_registry_dir(scenario) / "entities.toml"))
+    for command in (
+        "processor migrate",
+        "processor topics",
+        "processor prune-ledger",
+        "processor demo --setup-only",
+    ):
+        out = await asyncio.to_thread(processor, env, *command.split()[1:])
+        assert out.returncode == 0, (command, out.stderr)
+        lines = out.stdout.splitlines()
+        assert lines, command
+        patterns = _printed(command)
+        for line in lines:
+            assert any(p.fullmatch(line) for p in patterns), (command, line, patterns)

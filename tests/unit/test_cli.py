@@ -12,7 +12,7 @@ import pytest
 from processor import cli
 from processor.cli import COMMANDS, _parser, main
 from processor.config import SETTINGS
-from tests.support import ROOT
+from tests.support import ROOT, readme_table
 
 SETTING_DESTS = {s.env for s in SETTINGS}
 
@@ -102,21 +102,8 @@ def test_processor_version(capsys: pytest.CaptureFixture[str]) -> None:
 # --- the README's tables --------------------------------------------------------------------
 
 
-def _readme_table(heading: str) -> list[list[str]]:
-    """The rows (cells) of the first table after ``heading`` in README.md."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(heading)
-    rows = []
-    for line in text[start:].splitlines():
-        if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip("|").split("|")])
-        elif rows:
-            break
-    return rows[2:]  # no header, no separator
-
-
 def test_the_readme_exit_status_table_is_the_clis() -> None:
-    rows = _readme_table("Exit statuses mean the same in every command")
+    rows = readme_table("Exit statuses mean the same in every command")
     documented = {int(row[0]) for row in rows}
     codes = {
         cli.EXIT_OK,
@@ -135,10 +122,10 @@ def test_the_readme_exit_status_table_is_the_clis() -> None:
 
 
 def test_the_readme_command_table_lists_every_command_and_only_documented_exits() -> None:
-    rows = _readme_table("| command | what it does | prints on stdout | exit |")
+    rows = readme_table("| command | what it does | prints on stdout | exit |")
     named = {row[0].strip("`").split()[1] for row in rows}
     assert named == COMMANDS
-    documented = {int(row[0]) for row in _readme_table("Exit statuses mean the same")}
+    documented = {int(row[0]) for row in readme_table("Exit statuses mean the same")}
     for row in rows:
         exits = {int(n) for n in re.findall(r"(?<![\w<])(\d+)(?![\w>])", row[3])}
         assert exits <= documented, row
