@@ -23,7 +23,17 @@ from processor.config import SETTINGS, Settings
 from processor.contract import Reply, Request, decode_request, encode_reply
 from processor.errors import ConfigError, Fault, ProcessorError, ServiceUnreachable
 
-__all__ = ["COMMANDS", "EXIT_FAULT", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "EXIT_USAGE", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAULT",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "BadRequest",
+    "main",
+]
 
 COMMANDS: Final = frozenset(
     {
@@ -49,7 +59,7 @@ class BadRequest(ProcessorError):
     """`processor send`: the request given is not one the contract accepts."""
 
 
-_SETTING_FLAGS: Final = frozenset(s.env for s in SETTINGS)
+_SETTING_DESTS: Final = frozenset(s.env for s in SETTINGS)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -74,7 +84,7 @@ class _Formatter(argparse.HelpFormatter):
         groups: Iterable[argparse._MutuallyExclusiveGroup],
         prefix: str | None = None,
     ) -> None:
-        own = [a for a in actions if a.dest not in _SETTING_FLAGS]
+        own = [a for a in actions if a.dest not in _SETTING_DESTS]
         super().add_usage(usage, own, groups, prefix)
 
 
