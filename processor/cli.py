@@ -307,12 +307,7 @@ async def _prune(settings: Settings, days: int | None) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    from processor.kafka import check_access
-    from processor.service import serve
-
-    if settings.kafka_bootstrap_servers is not None:
-        # a refused login or TLS handshake: one clear error before anything starts
-        await check_access(settings.kafka_access())
+    # First, before the slow imports and checks: a SIGTERM during start-up is a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -326,6 +321,13 @@ async def _run(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+
+    from processor.kafka import check_access
+    from processor.service import serve
+
+    if settings.kafka_bootstrap_servers is not None:
+        # a refused login or TLS handshake: one clear error before anything starts
+        await check_access(settings.kafka_access())
     await serve(settings, stop)
     return 0
 
