@@ -35,6 +35,7 @@ from processor.errors import (
     ReplyTimeout,
     RequestExpired,
     RequestTooLarge,
+    ServiceUnreachable,
     TransientError,
     UnexpectedError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RequestExpired",
     "RequestTooLarge",
     "RetrieveRequest",
+    "ServiceUnreachable",
     "Settings",
     "Source",
     "TransientError",

@@ -137,7 +137,7 @@ import asyncpg
 import msgspec
 from aiokafka import TopicPartition
 
-from processor import kafka
+from processor import db, kafka
 from processor.config import Settings
 from processor.contract import DeadLetter, Reply
 from processor.engine import Envelope
@@ -1691,10 +1691,7 @@ async def run_audit(
     bootstrap = settings.kafka_access()
     shown = _Progress(progress)
     ledger = Ledger(settings.ledger_schema)
-    try:
-        conn = await asyncpg.connect(settings.database_url, timeout=30)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise ProcessorError(f"cannot connect to DATABASE_URL: {exc}") from exc
+    conn = await db.connect(settings)  # one line if it cannot: unreachable or refused
     try:
         if await conn.fetchval("SELECT to_regclass($1)", ledger.table) is None:
             raise ConfigError(f"the ledger {ledger.table} does not exist")
@@ -2102,7 +2099,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--entity", help="print the ledger history of this entity's records")
     parser.add_argument("--id", dest="record_id", help="... of this record only (with --entity)")
-    parser.add_argument("--history-limit", type=int, default=1000, metavar="N")
+    parser.add_argument(
+        "--history-limit", type=int, default=1000, metavar="N", help="ledger entries shown at most"
+    )
     parser.add_argument(
         "--reply-slack",
         type=float,
@@ -2115,7 +2114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not read the reply_to topics that requests name",
     )
-    parser.add_argument("--max-examples", type=int, default=20, metavar="N")
+    parser.add_argument(
+        "--max-examples", type=int, default=20, metavar="N", help="examples shown per anomaly kind"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

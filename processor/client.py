@@ -214,7 +214,59 @@ class Client:
         if request.reply_to not in (None, self.reply_topic):
             raise ValueError(f"this client reads replies on {self.reply_topic!r} only")
         limit = self.timeout if timeout is None else timeout
-        rid = request.request_id
+        try:
+            reply = await self._exchange(
+                _encoder.encode(request),
+                request_id=request.request_id,
+                key=f"{request.entity}:{request.id}".encode(),
+                timeout=limit,
+                traceparent=traceparent,
+                observed=request,
+            )
+        except TimeoutError:
+            raise ReplyTimeout(request, limit) from None
+        return reply
+
+    async def send_raw(
+        self,
+        value: bytes,
+        *,
+        request_id: str,
+        key: bytes | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Reply | None:
+        """Send ``value`` unchecked, with the ``request_id`` header; its reply, or None when
+        none came within ``timeout`` (the outcome is unknown, as for :class:`ReplyTimeout`).
+
+        For tools that want the workers' own verdict on any input (``processor send
+        --no-validate``): a reply comes when a worker can read the request_id (from the
+        body, or from the header).
+        """
+        if self._producer is None:
+            raise RuntimeError("client not started (use `async with Client(...)`)")
+        if self._broken is not None:
+            raise self._broken
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await self._exchange(
+                value, request_id=request_id, key=key, timeout=limit, traceparent=traceparent
+            )
+        except TimeoutError:
+            return None
+
+    async def _exchange(
+        self,
+        value: bytes,
+        *,
+        request_id: str,
+        key: bytes | None,
+        timeout: float,
+        traceparent: str | None,
+        observed: Request | None = None,
+    ) -> Reply:
+        """Produce one request and wait for its reply; TimeoutError after ``timeout``."""
+        rid = request_id
         headers = [("request_id", rid.encode())]
         if traceparent:
             headers.append(("traceparent", traceparent.encode()))
@@ -223,23 +275,18 @@ class Client:
         started = time.monotonic()
         reply: Reply | None = None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(timeout):
                 await self._producer.send_and_wait(
-                    self.request_topic,
-                    _encoder.encode(request),
-                    key=f"{request.entity}:{request.id}".encode(),
-                    headers=headers,
+                    self.request_topic, value, key=key, headers=headers
                 )
                 reply = await future
-        except TimeoutError:
-            raise ReplyTimeout(request, limit) from None
+                return reply
         except KafkaError as exc:
             raise TransientError(f"cannot send {rid!r} (resending it is safe): {exc!r}") from exc
         finally:
             self._forget(rid, future)
-            if self.observer is not None:
-                self.observer(request, reply, time.monotonic() - started)
-        return reply
+            if self.observer is not None and observed is not None:
+                self.observer(observed, reply, time.monotonic() - started)
 
     async def update(
         self,

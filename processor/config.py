@@ -8,6 +8,7 @@ point reads ``os.environ``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ __all__ = ["ENV_VARS", "SETTINGS", "Secret", "Setting", "Settings"]
 
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _IDENT_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_LABEL_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def _topic(value: str) -> str:
@@ -44,18 +46,34 @@ def _ident(value: str) -> str:
     return value
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be > 0")
-    return number
+def _integer(low: int, high: int, note: str = "") -> Callable[[str], int]:
+    """A parser of whole numbers in [low, high]; its error states the range (and ``note``)."""
+    span = f"a whole number from {low} to {high:_}".replace("_", ",")
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value, 10)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise ValueError(f"must be {span}{note}")
+        return number
+
+    return parse
 
 
-def _port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise ValueError("must be a port number 0-65535 (0: no metrics server)")
-    return number
+_MILLIS: Final = _integer(0, 2_147_483_647, " (milliseconds; 0: no timeout)")
+
+
+def _host(value: str) -> str:
+    """An IP address or a host name to listen on."""
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    if len(value) > 253 or not all(_LABEL_RE.fullmatch(part) for part in value.split(".")):
+        raise ValueError("must be an IP address (0.0.0.0, ::, 127.0.0.1) or a host name")
+    return value
 
 
 #: libpq's sslmode values, all of which asyncpg implements (verify-full: CA and host name).
@@ -90,13 +108,6 @@ def _url(value: str) -> str:
         if mode not in SSLMODES:
             raise ValueError(f"sslmode={mode[:40]!r} is not one of {', '.join(SSLMODES)}")
     return value
-
-
-def _millis(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 2_147_483_647:
-        raise ValueError("must be milliseconds, 0-2147483647 (0: no timeout)")
-    return number
 
 
 # --- Kafka security (SASL, TLS) ------------------------------------------------------------
@@ -273,19 +284,19 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "db_statement_timeout_ms",
         "PROCESSOR_DB_STATEMENT_TIMEOUT_MS",
-        _millis,
+        _MILLIS,
         "statement_timeout of the worker's sessions, ms (0: none)",
     ),
     Setting(
         "db_lock_timeout_ms",
         "PROCESSOR_DB_LOCK_TIMEOUT_MS",
-        _millis,
+        _MILLIS,
         "lock_timeout of the worker's sessions, ms (0: none)",
     ),
     Setting(
         "db_idle_in_transaction_timeout_ms",
         "PROCESSOR_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
-        _millis,
+        _MILLIS,
         "idle_in_transaction_session_timeout of the worker's sessions, ms (0: none)",
     ),
     Setting("request_topic", "PROCESSOR_REQUEST_TOPIC", _topic, "topic the requests arrive on"),
@@ -301,15 +312,41 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("entities", "PROCESSOR_ENTITIES", Path, "path of the entity registry (TOML)"),
     Setting("ledger_schema", "PROCESSOR_LEDGER_SCHEMA", _ident, "schema of the request ledger"),
-    Setting("lanes", "PROCESSOR_LANES", _positive, "database connections working in parallel"),
-    Setting("max_batch", "PROCESSOR_MAX_BATCH", _positive, "records fetched per batch"),
-    Setting("max_message_bytes", "PROCESSOR_MAX_MESSAGE_BYTES", _positive, "larger: not decoded"),
-    Setting("metrics_port", "PROCESSOR_METRICS_PORT", _port, "HTTP port of /metrics, /healthz"),
-    Setting("partitions", "PROCESSOR_PARTITIONS", _positive, "partitions `topics` creates"),
+    Setting(
+        "lanes",
+        "PROCESSOR_LANES",
+        _integer(1, 256),
+        "database transactions in parallel per worker (each holds a connection)",
+    ),
+    Setting("max_batch", "PROCESSOR_MAX_BATCH", _integer(1, 100_000), "records fetched per batch"),
+    Setting(
+        "max_message_bytes",
+        "PROCESSOR_MAX_MESSAGE_BYTES",
+        _integer(1, 1_073_741_824),
+        "larger messages are not decoded (a fault reply and a dead letter)",
+    ),
+    Setting(
+        "metrics_host",
+        "PROCESSOR_METRICS_HOST",
+        _host,
+        "address the HTTP server of /metrics, /healthz, /readyz listens on",
+    ),
+    Setting(
+        "metrics_port",
+        "PROCESSOR_METRICS_PORT",
+        _integer(0, 65_535, " (0: no metrics server)"),
+        "port of /metrics, /healthz, /readyz; one per worker on a host (0: off)",
+    ),
+    Setting(
+        "partitions",
+        "PROCESSOR_PARTITIONS",
+        _integer(1, 10_000),
+        "partitions `processor topics` creates",
+    ),
     Setting(
         "ledger_retention_days",
         "PROCESSOR_LEDGER_RETENTION_DAYS",
-        _positive,
+        _integer(1, 36_500),
         "days `prune-ledger` keeps (must outlive the request topic's retention)",
     ),
     Setting("log_level", "PROCESSOR_LOG_LEVEL", str.lower, "debug, info, warning or error"),
@@ -350,6 +387,7 @@ class Settings:
     lanes: int = 2
     max_batch: int = 1000
     max_message_bytes: int = 1_000_000
+    metrics_host: str = "0.0.0.0"  # noqa: S104  # every interface: scraped from outside
     metrics_port: int = 9108
     partitions: int = 6
     ledger_retention_days: int = 30

@@ -17,12 +17,22 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from processor.config import Settings, redact_url
-from processor.errors import ProcessorError
+from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
 
-__all__ = ["APPLICATION_NAME", "Connection", "connect", "create_pool", "session_settings"]
+__all__ = [
+    "APPLICATION_NAME",
+    "Connection",
+    "connect",
+    "connect_error",
+    "create_pool",
+    "session_settings",
+]
 
 #: Connection: a connection of its own or one lent by a pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+#: Seconds a connection attempt may take (the server may be slow to accept, never silent).
+CONNECT_TIMEOUT: Final = 30.0
 
 #: ``application_name`` of the processor's sessions (pg_stat_activity).
 APPLICATION_NAME: Final = "processor"
@@ -84,6 +94,8 @@ def describe_connect_error(url: str, exc: BaseException) -> str:
             f"cannot read a TLS file named in DATABASE_URL (sslrootcert, sslcert, sslkey) or "
             f"the PGSSL* variables: {exc.strerror or exc}"
         )
+    elif isinstance(exc, TimeoutError):
+        reason = f"no answer within {CONNECT_TIMEOUT:g} s"
     else:
         reason = f"{type(exc).__name__}: {exc}".strip()
     text = f"cannot connect to PostgreSQL at {where} (DATABASE_URL={redact_url(url)}): {reason}"
@@ -92,6 +104,28 @@ def describe_connect_error(url: str, exc: BaseException) -> str:
         for secret in {password, unquote(password)}:
             text = text.replace(secret, "***")
     return text
+
+
+#: SQLSTATE classes of a server that is there but cannot take the connection now:
+#: 08 connection exception, 53 insufficient resources (too many connections), 57 operator
+#: intervention (starting up, shutting down). Any other refusal (login, database, TLS) is
+#: a setting to fix.
+_UNAVAILABLE_CLASSES: Final = ("08", "53", "57")
+
+
+def connect_error(url: str, exc: BaseException) -> ProcessorError:
+    """The error to raise for a failed connection attempt: :class:`ServiceUnreachable` when
+    the server cannot be reached (or cannot take a connection now), :class:`ConfigError`
+    when it refused what the settings ask (login, database, TLS), each one line."""
+    text = describe_connect_error(url, exc)
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        unavailable = state.startswith(_UNAVAILABLE_CLASSES)
+    else:
+        unavailable = isinstance(exc, OSError | TimeoutError) and not isinstance(
+            exc, ssl.SSLError | FileNotFoundError | IsADirectoryError | PermissionError
+        )
+    return ServiceUnreachable(text) if unavailable else ConfigError(text)
 
 
 def _url(settings: Settings) -> str:
@@ -109,12 +143,12 @@ async def connect(settings: Settings, *, timeouts: bool = False) -> asyncpg.Conn
     try:
         return await asyncpg.connect(
             url,
-            timeout=30,
+            timeout=CONNECT_TIMEOUT,
             command_timeout=_command_timeout(settings) if timeouts else None,
             server_settings=server_settings,
         )
     except _CONNECT_ERRORS as exc:
-        raise ProcessorError(describe_connect_error(url, exc)) from exc
+        raise connect_error(url, exc) from exc
 
 
 async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]:
@@ -130,10 +164,10 @@ async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]
             min_size=1,
             max_size=max_size,
             command_timeout=_command_timeout(settings),
-            timeout=30,
+            timeout=CONNECT_TIMEOUT,
             server_settings=session_settings(settings),
         )
     except _CONNECT_ERRORS as exc:
-        raise ProcessorError(describe_connect_error(url, exc)) from exc
+        raise connect_error(url, exc) from exc
     assert pool is not None
     return pool

@@ -15,11 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 from aiokafka import TopicPartition
 
-from processor import kafka
+from processor import db, kafka
 from processor.config import Settings
 from processor.contract import Reply
 from processor.errors import ConfigError
@@ -40,7 +39,7 @@ async def install_demo(settings: Settings) -> Path:
     schema_sql = registry.parent / "schema.sql"
     if not registry.is_file() or not schema_sql.is_file():
         raise ConfigError(f"demo files not found next to {registry} (entities.toml, schema.sql)")
-    conn = await asyncpg.connect(settings.database_url, timeout=30)
+    conn = await db.connect(settings)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('processor-demo'))")
@@ -218,7 +217,7 @@ async def run_demo(settings: Settings) -> int:
     settings = Settings(**{**_fields(settings), "entities": registry})
     assert settings.database_url is not None
     assert settings.kafka_bootstrap_servers is not None
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await db.connect(settings)
     try:
         versions = {
             "account": await conn.fetchval("SELECT xmin::text FROM demo.account WHERE id = 1"),

@@ -4,6 +4,8 @@ Error tree (every :class:`Fault` becomes a fault reply; the numbers are the cont
 
     ProcessorError
     +-- ConfigError                      bad setting, flag or registry: the process does not start
+    +-- ServiceUnreachable               Kafka or PostgreSQL cannot be reached: down, refusing,
+                                         closing the connection, not answering in time
     +-- TransientError                   a service hiccup: the batch is retried, nothing is replied
     +-- ReplyTimeout                     client side: no reply in time (resending it is safe)
     +-- Fault                            becomes a fault reply (code, name, retryable)
@@ -47,9 +49,11 @@ __all__ = [
     "ReplyTimeout",
     "RequestExpired",
     "RequestTooLarge",
+    "ServiceUnreachable",
     "TransientError",
     "UnexpectedError",
     "bounded",
+    "reply_timeout_message",
 ]
 
 
@@ -59,6 +63,11 @@ class ProcessorError(Exception):
 
 class ConfigError(ProcessorError):
     """A setting, CLI flag or registry entry is wrong; the message names which."""
+
+
+class ServiceUnreachable(ProcessorError):
+    """Kafka or PostgreSQL cannot be reached (not a setting it refused: that is a
+    :class:`ConfigError`); the message names the service, the address and the cause."""
 
 
 class TransientError(ProcessorError):
@@ -73,13 +82,17 @@ class ReplyTimeout(ProcessorError):
     """
 
     def __init__(self, request: Request, timeout: float) -> None:
-        super().__init__(
-            f"no reply to {request.request_id!r} within {timeout:g} s "
-            "(outcome unknown; resending the same request_id is safe)"
-        )
+        super().__init__(reply_timeout_message(request.request_id, timeout))
         self.request = request
         self.request_id = request.request_id
         self.timeout = timeout
+
+
+def reply_timeout_message(request_id: str, timeout: float) -> str:
+    return (
+        f"no reply to {request_id!r} within {timeout:g} s "
+        "(outcome unknown; resending the same request_id is safe)"
+    )
 
 
 #: Longest fault message: replies and dead letters carry it, and it may quote the input.

@@ -25,7 +25,7 @@ from aiokafka.helpers import create_ssl_context
 
 from processor import kip447
 from processor.config import Secret, kafka_security_problem
-from processor.errors import ConfigError, ProcessorError
+from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
 
 __all__ = [
     "KafkaAccess",
@@ -34,6 +34,7 @@ __all__ = [
     "check_access",
     "ensure_topics",
     "explain_unreachable",
+    "find_problem",
     "is_transient",
     "make_consumer",
     "make_producer",
@@ -273,8 +274,15 @@ async def explain_unreachable(access: KafkaAccess, error: BaseException) -> Proc
     whatever went wrong. This retries one connection to each bootstrap host with the same
     options and returns the first cause found: a :class:`ConfigError` naming the settings
     to check (SASL login refused, certificate not trusted, TLS against a plaintext listener
-    or the reverse), or a :class:`ProcessorError` (unreachable, or no cause found).
+    or the reverse), or a :class:`ServiceUnreachable` (unreachable, or no cause found).
     """
+    found = await find_problem(access)
+    return found or ServiceUnreachable(f"cannot use Kafka at {access.bootstrap}: {error}")
+
+
+async def find_problem(access: KafkaAccess) -> ProcessorError | None:
+    """One connection per bootstrap host: the first :class:`ConfigError`, else the first
+    :class:`ServiceUnreachable`, else None (every host answers)."""
     found: ProcessorError | None = None
     for host, port, _family in collect_hosts(access.bootstrap, randomize=False):
         problem = await _probe(access, f"{host}:{port}", host, port)
@@ -283,7 +291,7 @@ async def explain_unreachable(access: KafkaAccess, error: BaseException) -> Proc
         if isinstance(problem, ConfigError):
             return problem
         found = found or problem
-    return found or ProcessorError(f"cannot use Kafka at {access.bootstrap}: {error}")
+    return found
 
 
 async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> ProcessorError | None:
@@ -310,6 +318,19 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
             f"({exc.verify_message}): KAFKA_SSL_CAFILE must hold the CA that signed it, "
             "and the certificate must name the host the client connects to"
         )
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+        if access.ssl_context is None and not isinstance(exc, ssl.SSLError):
+            return await _closed(access, where, host, port, exc)
+        if await _answers(host, port, tls=False):
+            return ConfigError(
+                f"Kafka at {where} answers without TLS (a plaintext listener), but "
+                f"{protocol}: use the TLS listener's port, or KAFKA_SECURITY_PROTOCOL="
+                f"{'SASL_PLAINTEXT' if access.uses_sasl else 'PLAINTEXT'}"
+            )
+        return ServiceUnreachable(
+            f"Kafka at {where} closed the connection during the TLS handshake ({protocol}): "
+            "not a Kafka listener, or the broker is shutting down"
+        )
     except ssl.SSLError as exc:
         return ConfigError(
             f"TLS handshake with Kafka at {where} failed ({_reason(exc)}): "
@@ -317,29 +338,58 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
             "(KAFKA_SSL_CERTFILE)?"
         )
     except errors.KafkaConnectionError as exc:
-        hint = (
-            f"is it a TLS listener, but {protocol}?"
-            if access.ssl_context is None
-            else "does it require a client certificate (KAFKA_SSL_CERTFILE) or another protocol?"
-        )
-        return ConfigError(
-            f"Kafka at {where} closed the connection before answering ({exc}): {hint}"
-        )
-    except ConnectionResetError:
         if access.ssl_context is None:
-            return ProcessorError(f"Kafka at {where} reset the connection ({protocol})")
+            return await _closed(access, where, host, port, exc)
         return ConfigError(
-            f"Kafka at {where} reset the connection during the TLS handshake: "
-            f"is it a TLS listener ({protocol})?"
+            f"Kafka at {where} closed the connection before answering ({exc}): does it "
+            "require a client certificate (KAFKA_SSL_CERTFILE) or another protocol?"
         )
     except TimeoutError:
-        return ProcessorError(f"Kafka at {where} did not answer in time ({protocol})")
+        return ServiceUnreachable(f"Kafka at {where} did not answer in time ({protocol})")
     except OSError as exc:
-        return ProcessorError(f"cannot connect to Kafka at {where}: {_reason(exc)}")
+        return ServiceUnreachable(f"cannot connect to Kafka at {where}: {_reason(exc)}")
     except errors.KafkaError as exc:
-        return ProcessorError(f"Kafka at {where}: {_broker_message(exc)}")
+        return ServiceUnreachable(f"Kafka at {where}: {_broker_message(exc)}")
     conn.close()
     return None
+
+
+async def _closed(
+    access: KafkaAccess, where: str, host: str, port: int, exc: BaseException
+) -> ProcessorError:
+    """A plaintext client's connection closed before Kafka answered: a TLS listener (a
+    setting to fix) or something that is not a broker taking connections (unreachable)."""
+    if await _answers(host, port, tls=True):
+        return ConfigError(
+            f"Kafka at {where} closed the connection before answering: it is a TLS "
+            f"listener, but KAFKA_SECURITY_PROTOCOL={access.security_protocol}"
+        )
+    return ServiceUnreachable(
+        f"Kafka at {where} closed the connection before answering ({type(exc).__name__}): "
+        "not a Kafka listener, or the broker is shutting down"
+    )
+
+
+async def _answers(host: str, port: int, *, tls: bool) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (any certificate: this only tells a
+    TLS listener from a closed door), or, without ``tls``, answers Kafka in plaintext."""
+    try:
+        if not tls:
+            conn = await asyncio.wait_for(create_conn(host, port, request_timeout_ms=5_000), 10)
+            conn.close()
+            return True
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # a probe: nothing is sent over it
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), 10)
+        writer.close()
+        return True
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        return False
+    except ssl.SSLError:  # a TLS alert (e.g. a client certificate required): TLS it is
+        return tls
+    except (OSError, TimeoutError, errors.KafkaError):
+        return False
 
 
 def _broker_message(exc: errors.KafkaError) -> str:

@@ -73,8 +73,9 @@ __all__ = ["Worker"]
 
 log = get_logger("processor.worker")
 
-#: How long the worker tries to start its producer before it gives up (exit).
-START_RETRY_SECONDS = 60.0
+#: How long the worker tries to start its producer before it gives up (exit): a broker
+#: restarting meanwhile is waited for; one that is not there is reported.
+START_RETRY_SECONDS = 15.0
 #: A loop that did not come back to its fetch for this long was stalled (the process
 #: paused, the machine starved): a heartbeat interval, so that the group may have
 #: evicted it. Before applying what it fetched, it asks the coordinator.
@@ -150,12 +151,12 @@ class Worker:
     async def _run(self, stop: asyncio.Event) -> None:
         # The producer first: its InitProducerId ends what a previous life of this worker
         # left open, and the broker's API versions are checked before joining the group.
-        starting = Retry(
-            lambda e: isinstance(e, KafkaError | TimeoutError | OSError),
-            START_RETRY_SECONDS,
-            stop=self._stop,
-        )
-        await starting.run(self.transactions.start)
+        starting = Retry(kafka.is_transient, START_RETRY_SECONDS, stop=self._stop)
+        try:
+            await starting.run(self.transactions.start)
+        except GaveUp as exc:
+            # The service's own error, for the command to explain (e.g. unreachable: exit 4).
+            raise exc.__cause__ or exc from None
         consumer = kafka.make_consumer(
             self._access, self.settings.group_id, client_id=f"processor-{self.worker_id}"
         )

@@ -301,3 +301,16 @@ def private_postgres(
         if (data / "postmaster.pid").exists():
             pg(str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """The rows (cells) of the first table at or after ``heading`` in README.md, without
+    its header and separator rows."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows: list[list[str]] = []
+    for line in text[text.index(heading) :].splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]

@@ -247,7 +247,9 @@ async def test_a_plaintext_client_on_the_tls_port_is_told_it_is_a_tls_listener(
     secure_kafka: SecureKafka,
 ) -> None:
     env = {**_clean_env(), "KAFKA_BOOTSTRAP_SERVERS": secure_kafka.sasl_ssl}
-    assert_one_clear_error(processor(env, "topics"), "TLS listener", "KAFKA_SECURITY_PROTOCOL")
+    assert_one_clear_error(
+        processor(env, "topics"), "it is a TLS listener, but KAFKA_SECURITY_PROTOCOL=PLAINTEXT"
+    )
     with pytest.raises(ConfigError, match="TLS listener"):
         async with Client(secure_kafka.sasl_ssl):
             pass
@@ -262,7 +264,10 @@ async def test_a_tls_client_on_the_plaintext_port_is_told_to_check_the_protocol(
         "KAFKA_SECURITY_PROTOCOL": "SSL",
         "KAFKA_SSL_CAFILE": str(secure_kafka.pki.ca),
     }
-    assert_one_clear_error(processor(env, "topics"), "TLS", "KAFKA_SECURITY_PROTOCOL=SSL")
+    assert_one_clear_error(
+        processor(env, "topics"),
+        "answers without TLS (a plaintext listener), but KAFKA_SECURITY_PROTOCOL=SSL",
+    )
 
 
 async def test_a_mechanism_the_listener_does_not_enable_is_named(

@@ -229,8 +229,9 @@ async def test_migrate_and_the_worker_pool_work_over_verify_full(
 def test_a_worker_that_cannot_verify_the_server_exits_at_start_with_one_clear_line(
     tls_server: TlsServer, tmp_path: Path
 ) -> None:
-    """`processor run` against a certificate it cannot verify: exit 1 at start, one line
-    naming the host and the certificate problem, no traceback, no password."""
+    """`processor run` against a certificate it cannot verify: exit 2 (a setting to fix,
+    not an unreachable server) at start, one line naming the host and the certificate
+    problem, no traceback, no password."""
     registry = tmp_path / "entities.toml"
     registry.write_text('[entities.thing]\ntable = "thing"\nkey = "id"\n')
     for url in (
@@ -250,7 +251,7 @@ def test_a_worker_that_cannot_verify_the_server_exits_at_start_with_one_clear_li
             text=True,
             timeout=60,
         )
-        assert run.returncode == 1, run.stderr
+        assert run.returncode == 2, run.stderr
         assert time.monotonic() - started < 30
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1, run.stderr

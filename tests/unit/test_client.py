@@ -87,21 +87,35 @@ async def test_a_client_must_be_started_and_needs_a_positive_timeout() -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "needle"),
     [
-        "{",
-        "[1]",
-        '{"type": "retrieve", "entity": "e", "id": 1.5}',
-        '{"type": "merge", "entity": "e", "id": 1}',
-        '{"type": "retrieve", "entity": "e", "id": 1, "reply_to": "elsewhere"}',
+        ("{", "the request is not JSON"),
+        ("[1]", "must be a JSON object, not list"),
+        ('{"type": "retrieve", "entity": "e", "id": 1.5}', "field `id`: Expected `int | str`"),
+        ('{"type": "merge", "entity": "e", "id": 1}', "field `type`: Invalid value 'merge'"),
+        ('{"type": "retrieve", "entity": "e", "id": 1, "foo": 2}', "unknown field `foo`"),
+        ('{"type": "update", "entity": "e", "id": 1}', "missing field `attributes`"),
+        (
+            '{"type": "update", "entity": "e", "id": 1, "attributes": {"a": 1}, '
+            '"related": [{"entity": "f", "id": 2, "colour": "red"}]}',
+            "unknown field `related[0].colour`",
+        ),
+        ('{"type": "retrieve", "entity": "e", "id": 1, "reply_to": "elsewhere"}', "reply_to"),
+        ("", "the request is empty"),
+        (" \n", "the request is empty"),
     ],
 )
 def test_processor_send_rejects_a_bad_request_with_exit_2(
-    text: str, capsys: pytest.CaptureFixture[str]
+    text: str, needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A bad request is a request problem, named with its field, on one line; exit 2."""
     # an unreachable broker: the request is refused before any connection
     assert main(["--kafka-bootstrap-servers", "127.0.0.1:1", "send", text]) == 2
-    assert "configuration error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("processor: bad request: "), err
+    assert needle in err
+    assert "configuration error" not in err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_processor_send_needs_kafka(monkeypatch: pytest.MonkeyPatch) -> None:

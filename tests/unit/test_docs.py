@@ -32,6 +32,12 @@ def _tracked() -> set[str]:
     return set(found) | {Path(f).name for f in found}
 
 
+def _beside(doc: Path, name: str) -> str:
+    """``name`` as a link relative to ``doc`` (``../README.md`` from docs/), from the root."""
+    resolved = (doc.parent / name).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else name
+
+
 def _name(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
@@ -43,7 +49,7 @@ def test_a_markdown_file_a_doc_names_is_in_the_repository(doc: Path) -> None:
     missing = sorted(
         n
         for n in named
-        if n not in tracked and str((doc.parent / n).relative_to(ROOT)) not in tracked
+        if n not in tracked and _beside(doc, n) not in tracked
     )
     assert not missing, f"{_name(doc)} names files that are not in the repository: {missing}"
 
