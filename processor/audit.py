@@ -435,8 +435,8 @@ def read_request(message: Message, timestamp: int, *, max_bytes: int) -> Request
             fingerprint=item.fingerprint,
             reply_to=req.reply_to,
             type=req.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=req.entity,
-            record_id=str(req.id),
+            entity=getattr(req, "entity", ""),  # execute requests have none
+            record_id=str(getattr(req, "id", "")),
         )
     return RequestRecord(
         message.partition,

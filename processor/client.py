@@ -51,6 +51,7 @@ from processor.contract import (
     Request,
     RetrieveRequest,
     UpdateRequest,
+    request_key,
 )
 from processor.errors import (
     FAULT_TYPES,
@@ -227,7 +228,7 @@ class Client:
                 await self._producer.send_and_wait(
                     self.request_topic,
                     _encoder.encode(request),
-                    key=f"{request.entity}:{request.id}".encode(),
+                    key=request_key(request),
                     headers=headers,
                 )
                 reply = await future

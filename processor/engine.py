@@ -38,12 +38,14 @@ import asyncpg
 import msgspec
 
 from processor.contract import (
+    ROW_REQUEST_TYPES,
     Behavior,
     DeleteRequest,
     RelatedVersion,
     Reply,
     Request,
     RetrieveRequest,
+    RowRequest,
     UpdateRequest,
     encode_reply,
     fault_detail,
@@ -100,6 +102,12 @@ class Envelope:
     @classmethod
     def of(cls, request: Request, source: Source | None = None) -> Envelope:
         return cls(request, request_fingerprint(request), source)
+
+    @property
+    def row(self) -> RowRequest:
+        """The request, one of the engine's own (update, delete, retrieve)."""
+        assert isinstance(self.request, ROW_REQUEST_TYPES)
+        return self.request
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +226,10 @@ class Engine:
         :class:`TransientError` when the database fails; nothing of the failed chunk
         is committed then, and calling again with the same envelopes is safe.
         """
+        if not all(isinstance(e.request, ROW_REQUEST_TYPES) for e in envelopes):
+            from processor.batches import process_mixed  # built on this module's steps
+
+            return await process_mixed(self, conn, envelopes)
         outcomes: list[Outcome] = []
         for chunk in self._chunks(envelopes):
             try:
@@ -235,7 +247,7 @@ class Engine:
         start = 0
         last: dict[tuple[str, object], int] = {}
         for i, env in enumerate(envelopes):
-            touches = _raw_touches(env.request)
+            touches = _raw_touches(env.row)
             round_ = max((last.get(t, -1) for t in touches), default=-1) + 1
             if round_ >= self._max_rounds:
                 chunks.append(envelopes[start:i])
@@ -311,7 +323,7 @@ class Engine:
     # -- checks without the database ------------------------------------------------------
 
     def _prepare(self, index: int, env: Envelope, now: datetime) -> _Job:
-        req = env.request
+        req = env.row
         if req.expires_at is not None and req.expires_at <= now:
             raise RequestExpired(
                 f"request expired at {req.expires_at.isoformat()}, processed at {now.isoformat()}"
@@ -368,8 +380,10 @@ class Engine:
 
     def _resolved_behavior(self, req: Request) -> Behavior | None:
         """What Default means for this request's entity; None for retrieve or no entity."""
+        if not isinstance(req, UpdateRequest | DeleteRequest):
+            return None
         entity = self.registry.get(req.entity)
-        if entity is None or isinstance(req, RetrieveRequest):
+        if entity is None:
             return None
         behavior = req.behavior
         return entity.default_behavior if behavior == "Default" else behavior
@@ -469,7 +483,7 @@ class Engine:
     # -- outcomes -------------------------------------------------------------------------
 
     def _success_outcome(self, job: _Job, batch: _Batch) -> Outcome:
-        req = job.envelope.request
+        req = job.envelope.row
         main = job.targets[0]
         attrs = None
         if job.kind == "retrieve":
@@ -510,8 +524,8 @@ class Engine:
         reply = Reply(
             request_id=req.request_id,
             type=req.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=req.entity,
-            id=req.id,
+            entity=getattr(req, "entity", None),  # execute requests have none
+            id=getattr(req, "id", None),
             status="fault",
             processed_at=now,
             behavior_applied=behavior,
@@ -547,8 +561,8 @@ class Engine:
                 request_id=reply.request_id,
                 fingerprint=env.fingerprint,
                 type=str(reply.type),
-                entity=env.request.entity,
-                record_id=str(env.request.id),
+                entity=env.row.entity,
+                record_id=str(env.row.id),
                 status=reply.status,
                 fault_code=reply.fault.code if reply.fault else None,
                 applied=outcome.applied,
@@ -601,7 +615,7 @@ def _rounds(jobs: list[_Job]) -> list[list[_Job]]:
     return rounds
 
 
-def _raw_touches(req: Request) -> list[tuple[str, object]]:
+def _raw_touches(req: RowRequest) -> list[tuple[str, object]]:
     touches: list[tuple[str, object]] = [(req.entity, req.id)]
     if isinstance(req, UpdateRequest):
         touches.extend((r.entity, r.id) for r in req.related)

@@ -16,12 +16,14 @@ from typing import Final, Protocol
 import msgspec
 
 from processor.contract import (
+    REQUEST_TYPES,
     DeadLetter,
     DeadLetterHeader,
     Reply,
     decode_request,
     encode_reply,
     fault_detail,
+    request_key,
     salvage,
 )
 from processor.engine import Envelope, Outcome, Source
@@ -67,6 +69,8 @@ class OutRecord:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    #: The request's reply_partition (checked against the topic); None: Kafka picks by key.
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +127,9 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
 def reject(envelope: Envelope, message: Message, fault: Fault, now: datetime) -> Rejected:
     """Turn an admitted envelope into a rejection (e.g. its reply_to topic does not exist)."""
     req = envelope.request
+    entity, record_id = getattr(req, "entity", None), getattr(req, "id", None)
     return _rejected(
-        message, fault, req.request_id, None, req.__struct_config__.tag, req.entity, req.id, now
+        message, fault, req.request_id, None, req.__struct_config__.tag, entity, record_id, now
     )
 
 
@@ -142,7 +147,7 @@ def _rejected(
     if request_id is not None:
         reply = Reply(
             request_id=request_id,
-            type=type_ if type_ in ("update", "delete", "retrieve") else None,
+            type=type_ if type_ in REQUEST_TYPES else None,
             entity=entity,
             id=record_id,
             status="fault",
@@ -169,13 +174,14 @@ def outcome_records(
 ) -> list[OutRecord]:
     """The reply of an engine outcome, plus a dead letter when the request was bad input."""
     req = envelope.request
-    key = message.key if message.key is not None else f"{req.entity}:{req.id}".encode()
+    key = message.key if message.key is not None else request_key(req)
     records = [
         OutRecord(
             req.reply_to or reply_topic,
             key,
             outcome.data,
             _reply_headers(message, req.request_id),
+            req.reply_partition,
         )
     ]
     if outcome.dead_letter and outcome.reply.fault is not None:

@@ -51,6 +51,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from processor import kafka
 from processor.config import Settings
+from processor.contract import request_key
 from processor.engine import Engine, Envelope, Outcome, is_transient
 from processor.errors import InvalidArgument, TransientError
 from processor.intake import (
@@ -336,7 +337,7 @@ class Worker:
         lanes: list[list[tuple[Message, Envelope]]] = [[] for _ in range(self.settings.lanes)]
         for message, item in admitted:
             if isinstance(item, Envelope):
-                key = message.key or f"{item.request.entity}:{item.request.id}".encode()
+                key = message.key or request_key(item.request)
                 lanes[zlib.crc32(key) % len(lanes)].append((message, item))
         started = time.monotonic()
         results = await asyncio.gather(
