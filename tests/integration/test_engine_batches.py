@@ -67,7 +67,8 @@ async def test_retrieve_entity_answers_from_the_registry(kit: Kit) -> None:
     ).reply.entity_metadata
     assert strict is not None
     assert strict.is_optimistic_concurrency_enabled is False
-    assert strict.row_version == "xmin" and strict.row_version_column is None
+    assert strict.row_version == "xmin"
+    assert strict.row_version_column is None
 
     unknown = await kit.one({"type": "retrieve_entity", "request_id": "e-1", "entity": "nope"})
     assert unknown.reply.fault is not None
@@ -75,7 +76,8 @@ async def test_retrieve_entity_answers_from_the_registry(kit: Kit) -> None:
     assert unknown.reply.fault.name == "QueryBuilderNoEntity"
     assert unknown.dead_letter
     again = await kit.one({"type": "retrieve_entity", "request_id": "e-1", "entity": "nope"})
-    assert again.replayed and again.data == unknown.data
+    assert again.replayed
+    assert again.data == unknown.data
 
 
 async def test_a_transaction_applies_in_order_and_replies_in_order(kit: Kit) -> None:
@@ -98,16 +100,20 @@ async def test_a_transaction_applies_in_order_and_replies_in_order(kit: Kit) -> 
     assert [r.request_id for r in reply.responses] == [r["request_id"] for r in request["requests"]]
     first, second, read, _, _ = reply.responses
     assert first.row_version != second.row_version  # no two writes share an xmin token
-    assert read.attributes is not None and read.attributes["counter"] == 6
+    assert read.attributes is not None
+    assert read.attributes["counter"] == 6
     assert read.row_version == second.row_version == await kit.token("account", 1)
     assert await kit.row("account", 2) is None
     # Ledgered: the outer with its whole reply, every inner under its own id.
     outer = await kit.ledger_row(request["request_id"])
-    assert outer is not None and outer["reply"] == outcome.data and not outer["applied"]
+    assert outer is not None
+    assert outer["reply"] == outcome.data
+    assert not outer["applied"]
     for inner in request["requests"]:
         assert await kit.ledger_row(inner["request_id"]) is not None
     again = await kit.one(request)
-    assert again.replayed and again.data == outcome.data
+    assert again.replayed
+    assert again.data == outcome.data
 
 
 async def test_a_failing_request_rolls_the_whole_transaction_back_with_its_index(
@@ -125,7 +131,8 @@ async def test_a_failing_request_rolls_the_whole_transaction_back_with_its_index
     reply = outcome.reply
     assert reply.status == "fault"
     assert reply.faulted_request_index == 2
-    assert reply.fault is not None and reply.fault.code == ConcurrencyVersionMismatch.code
+    assert reply.fault is not None
+    assert reply.fault.code == ConcurrencyVersionMismatch.code
     assert reply.fault.expected_version == "1"
     assert reply.fault.current_version == await kit.token("account", 3)
     assert reply.responses is None
@@ -167,7 +174,8 @@ async def test_a_value_the_database_refuses_faults_its_own_index(kit: Kit) -> No
         )
     )
     assert outcome.reply.faulted_request_index == 1
-    assert outcome.reply.fault is not None and outcome.reply.fault.code == InvalidArgument.code
+    assert outcome.reply.fault is not None
+    assert outcome.reply.fault.code == InvalidArgument.code
     assert outcome.dead_letter
     assert (await kit.row("account", 1) or {})["counter"] == 0
 
@@ -178,7 +186,8 @@ async def test_a_prepare_failure_faults_at_its_index(kit: Kit) -> None:
         transaction(update("account", 1, {"counter": 1}), update("account", 1, {"nope": 1}))
     )
     assert outcome.reply.faulted_request_index == 1
-    assert outcome.reply.fault is not None and outcome.reply.fault.path == "attributes.nope"
+    assert outcome.reply.fault is not None
+    assert outcome.reply.fault.path == "attributes.nope"
     assert (await kit.row("account", 1) or {})["counter"] == 0
 
 
@@ -189,7 +198,8 @@ async def test_an_inner_request_id_already_used_is_a_duplicate(kit: Kit) -> None
         transaction(update("account", 1, {"counter": 2}), delete("account", 1, request_id="used"))
     )
     assert outcome.reply.faulted_request_index == 1
-    assert outcome.reply.fault is not None and outcome.reply.fault.code == DuplicateRequest.code
+    assert outcome.reply.fault is not None
+    assert outcome.reply.fault.code == DuplicateRequest.code
     assert (await kit.row("account", 1) or {})["counter"] == 1
 
 
@@ -203,7 +213,8 @@ async def test_multiple_stops_at_the_first_fault_unless_continue_on_error(kit: K
     ]
     stopped = await kit.one(multiple(*requests))
     reply = stopped.reply
-    assert reply.status == "success" and reply.is_faulted
+    assert reply.status == "success"
+    assert reply.is_faulted
     assert reply.responses is not None
     assert [(r.request_index, r.status) for r in reply.responses] == [(0, "success"), (1, "fault")]
     assert reply.responses[1].fault is not None
@@ -255,9 +266,12 @@ async def test_per_row_order_holds_across_batches_in_one_engine_batch(kit: Kit) 
     )
     assert [o.reply.status for o in outcomes] == ["success"] * 5
     tx, multi = outcomes[1].reply.responses, outcomes[3].reply.responses
-    assert tx is not None and multi is not None
-    assert tx[1].attributes is not None and tx[1].attributes["counter"] == 2
-    assert multi[0].attributes is not None and multi[0].attributes["counter"] == 3
+    assert tx is not None
+    assert multi is not None
+    assert tx[1].attributes is not None
+    assert tx[1].attributes["counter"] == 2
+    assert multi[0].attributes is not None
+    assert multi[0].attributes["counter"] == 3
     assert outcomes[4].reply.attributes is not None
     assert outcomes[4].reply.attributes["counter"] == 4
 
@@ -274,6 +288,7 @@ async def test_a_reply_too_large_to_publish_is_refused_and_nothing_applied(kit: 
         update("account", 1, {"counter": 1}), *[retrieve("account", n) for n in range(1, 501)]
     )
     refused = await kit.one(writes)
-    assert refused.reply.fault is not None and refused.reply.fault.code == RequestTooLarge.code
+    assert refused.reply.fault is not None
+    assert refused.reply.fault.code == RequestTooLarge.code
     assert (await kit.row("account", 1) or {})["counter"] == 0
     assert await kit.ledger_row(writes["requests"][0]["request_id"]) is None
