@@ -22,7 +22,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: Final = frozenset(
     {
         *("run", "migrate", "topics", "demo", "prune-ledger", "schemas", "send", "loadtest"),
-        *("audit", "grants"),
+        *("audit", "grants", "entities"),
     }
 )
 
@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     grants.add_argument("--role", required=True, help="the role to grant to (must exist)")
     grants.add_argument("--prune", action="store_true", help="the prune-ledger role's grants")
     grants.add_argument("--apply", action="store_true", help="execute them, then check")
+    entities = sub.add_parser(
+        "entities",
+        help="print the registry's entities as the workers answer retrieve_entity",
+        description="Load the registry (PROCESSOR_ENTITIES), validate it against the "
+        "database, and print each entity's metadata: optimistic concurrency, the default "
+        "behaviour, the row version, the key and the writable attributes.",
+    )
+    entities.add_argument("--json", action="store_true", help="one JSON array of EntityMetadata")
     schemas = sub.add_parser("schemas", help="write schemas/ from the code (--check: diff only)")
     schemas.add_argument("--check", action="store_true")
     send = sub.add_parser(
@@ -189,6 +197,26 @@ async def _send(settings: Settings, text: str | None, wait: float, trace: str | 
     return 0 if reply.status == "success" else EXIT_FAULT
 
 
+async def _entities(settings: Settings, as_json: bool) -> int:
+    from processor.db import connect
+    from processor.metadata import entity_metadata, render_table
+    from processor.registry import load_registry
+
+    settings.require("entities", "database_url")
+    assert settings.entities is not None
+    conn = await connect(settings, timeouts=True)
+    try:
+        registry = await load_registry(conn, settings.entities)
+    finally:
+        await conn.close()
+    metadata = [entity_metadata(e) for e in registry.entities.values()]
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(metadata)).decode())
+    else:
+        print(render_table(metadata))
+    return 0
+
+
 async def _demo(settings: Settings) -> int:
     from processor.demo import run_demo
 
@@ -250,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadtest": lambda: _loadtest(settings, args),
             "audit": lambda: _audit(settings, args),
             "grants": lambda: _grants(settings, args),
+            "entities": lambda: _entities(settings, args.json),
         }[command]()
         return asyncio.run(_explained(settings, coro))
     except ConfigError as exc:

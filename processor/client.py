@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias
 
 import msgspec
 from aiokafka import TopicPartition
@@ -46,10 +46,15 @@ from processor import kafka
 from processor.contract import (
     Behavior,
     DeleteRequest,
+    EntityMetadata,
+    ExecuteMultipleRequest,
+    ExecuteTransactionRequest,
     RelatedEntity,
     Reply,
     Request,
+    RetrieveEntityRequest,
     RetrieveRequest,
+    RowRequest,
     UpdateRequest,
     request_key,
 )
@@ -64,6 +69,9 @@ from processor.errors import (
     UnexpectedError,
 )
 from processor.log import get_logger
+
+if TYPE_CHECKING:
+    from processor.context import ServiceContext
 
 __all__ = ["Client", "Observer", "fault_of", "new_request_id", "raise_for_fault"]
 
@@ -96,6 +104,11 @@ def fault_of(reply: Reply) -> Fault:
             path=detail.path,
         )
     fault.reply = reply
+    fault.request_index = (
+        reply.faulted_request_index
+        if reply.faulted_request_index is not None
+        else reply.request_index
+    )
     return fault
 
 
@@ -351,6 +364,77 @@ class Client:
                     raise
                 await asyncio.sleep(random.uniform(0, min(1.0, backoff * 2**attempt)))
         raise AssertionError("unreachable")
+
+    async def entity_metadata(
+        self, entity: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> EntityMetadata:
+        """Dataverse's RetrieveEntityRequest: the entity as the workers' registry has it
+        (is_optimistic_concurrency_enabled, default behaviour, row version, key, attributes).
+        An entity the workers do not know raises :class:`~processor.errors.EntityNotFound`."""
+        request = RetrieveEntityRequest(request_id=request_id or new_request_id(), entity=entity)
+        reply = raise_for_fault(await self.send(request, timeout=timeout))
+        assert reply.entity_metadata is not None
+        return reply.entity_metadata
+
+    async def execute_transaction(
+        self,
+        requests: Sequence[RowRequest],
+        *,
+        return_responses: bool = True,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Dataverse's ExecuteTransactionRequest: ``requests`` in order, all or nothing.
+
+        Returns the success reply (``responses``: each request's reply, in order). A failure
+        applied nothing and raises the failing request's own fault, typed, with
+        ``request_index`` (Dataverse's FaultedRequestIndex).
+        """
+        request = ExecuteTransactionRequest(
+            request_id=request_id or new_request_id(),
+            requests=list(requests),
+            return_responses=return_responses,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout))
+
+    async def execute_multiple(
+        self,
+        requests: Sequence[RowRequest],
+        *,
+        continue_on_error: bool = False,
+        return_responses: bool = True,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Dataverse's ExecuteMultipleRequest: each request applied on its own, in order.
+
+        The reply's ``responses`` hold each request's reply (or only the faults, without
+        ``return_responses``), each with its ``request_index``; ``is_faulted`` says whether
+        any faulted. Faults inside do not raise: :func:`fault_of` a response gives its
+        typed exception. A fault of the whole (e.g. too large) raises.
+        """
+        request = ExecuteMultipleRequest(
+            request_id=request_id or new_request_id(),
+            requests=list(requests),
+            continue_on_error=continue_on_error,
+            return_responses=return_responses,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout))
+
+    def context(
+        self, concurrency_behavior: Behavior = "Default", *, continue_on_error: bool = False
+    ) -> ServiceContext:
+        """A :class:`~processor.context.ServiceContext` (Dataverse's
+        OrganizationServiceContext) on this client: retrieve, record changes, save them."""
+        from processor.context import ServiceContext
+
+        return ServiceContext(
+            self, concurrency_behavior=concurrency_behavior, continue_on_error=continue_on_error
+        )
 
     def _forget(self, rid: str, future: asyncio.Future[Reply]) -> None:
         waiters = self._pending.get(rid)
