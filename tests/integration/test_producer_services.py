@@ -22,7 +22,7 @@ from processor.errors import (
     InvalidArgument,
     ObjectDoesNotExist,
 )
-from tests.integration.harness import DEAD, REPLY, Scenario
+from tests.integration.harness import DEAD, Scenario
 from tests.integration.test_client import until_answered
 
 pytestmark = pytest.mark.timeout(300)
