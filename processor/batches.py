@@ -53,6 +53,7 @@ from processor.engine import (
     _Batch,
     _DataError,
     _Job,
+    _rounds,
     _shown,
     is_transient,
 )
@@ -69,7 +70,7 @@ from processor.errors import (
 from processor.ledger import LedgerEntry
 from processor.metadata import entity_metadata
 
-__all__ = ["MAX_REPLY_BYTES", "process_mixed", "rows_in_rounds"]
+__all__ = ["MAX_REPLY_BYTES", "process_mixed"]
 
 #: Largest reply an execute request may get: Kafka refuses records over ~1 MB by default,
 #: and a reply that cannot be published would hold its partition forever.
@@ -244,7 +245,7 @@ async def _in_rounds(
     failed: tuple[int, Outcome] | None,
 ) -> tuple[int, Outcome] | None:
     """Apply ``jobs`` round by round; the first failure in request order, or ``failed``."""
-    for number, round_jobs in enumerate(rows_in_rounds(jobs)):
+    for number, round_jobs in enumerate(_rounds(jobs)):
         limit = failed[0] if failed is not None else len(jobs) + 1
         todo = [j for j in round_jobs if j.index < limit]
         if not todo:
@@ -282,21 +283,6 @@ def _first_failure(
         if job.outcome.reply.status == "fault" and (failed is None or job.index < failed[0]):
             failed = (job.index, job.outcome)
     return failed
-
-
-def rows_in_rounds(jobs: list[_Job]) -> list[list[_Job]]:
-    """Rounds that touch each row at most once, a row's jobs in order across rounds."""
-    rounds: list[list[_Job]] = []
-    last: dict[tuple[str, object], int] = {}
-    for job in jobs:
-        touches = [t.touch for t in job.targets]
-        number = max((last.get(t, -1) for t in touches), default=-1) + 1
-        for t in touches:
-            last[t] = number
-        if number == len(rounds):
-            rounds.append([])
-        rounds[number].append(job)
-    return rounds
 
 
 def _transaction_outcome(

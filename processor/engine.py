@@ -38,6 +38,7 @@ import asyncpg
 import msgspec
 
 from processor.contract import (
+    EXECUTE_TYPES,
     ROW_REQUEST_TYPES,
     Behavior,
     DeleteRequest,
@@ -71,7 +72,16 @@ from processor.ledger import Ledger, LedgerEntry
 from processor.registry import Column, Entity, Registry
 from processor.statements import EntityStatements
 
-__all__ = ["Engine", "Envelope", "Outcome", "Source", "is_transient"]
+__all__ = [
+    "Engine",
+    "Envelope",
+    "Outcome",
+    "Row",
+    "Source",
+    "is_transient",
+    "round_numbers",
+    "rows_of",
+]
 
 #: Rounds per transaction: each round after the first is a subtransaction, and
 #: PostgreSQL caches only 64 subtransaction ids per backend before snapshots get slow.
@@ -243,19 +253,16 @@ class Engine:
         return outcomes
 
     def _chunks(self, envelopes: Sequence[Envelope]) -> list[Sequence[Envelope]]:
+        """Split where a row would need more than ``max_rounds`` rounds in one transaction."""
         chunks: list[Sequence[Envelope]] = []
         start = 0
-        last: dict[tuple[str, object], int] = {}
-        for i, env in enumerate(envelopes):
-            touches = _raw_touches(env.row)
-            round_ = max((last.get(t, -1) for t in touches), default=-1) + 1
-            if round_ >= self._max_rounds:
-                chunks.append(envelopes[start:i])
-                start, last, round_ = i, {}, 0
-            for t in touches:
-                last[t] = round_
-        chunks.append(envelopes[start:])
-        return [c for c in chunks if c]
+        while start < len(envelopes):
+            rest = envelopes[start:]
+            numbers = round_numbers([rows_of(self.registry, e.request) for e in rest])
+            end = next((i for i, n in enumerate(numbers) if n >= self._max_rounds), len(rest))
+            chunks.append(rest[:end])
+            start += end
+        return chunks
 
     async def _process_chunk(
         self, conn: Connection, envelopes: Sequence[Envelope]
@@ -601,25 +608,65 @@ def _check_versions(job: _Job, current: dict[tuple[str, object], str]) -> Fault 
     return None
 
 
+#: A row: the entity's logical name and its key as the database compares it.
+Row = tuple[str, object]
+
+
+def rows_of(registry: Registry, request: Request) -> list[Row]:
+    """The rows ``request`` touches (its own, then its related ones), keys parsed as the
+    engine parses them: ``42`` and ``"42"`` of an integer key are different requests (one
+    faults), but a UUID spelled in upper or lower case, with or without braces, is one row.
+
+    The worker's lanes and the engine's rounds both order requests by these rows, so they
+    must agree on what "the same row" is. A key that does not parse (the request will
+    fault) is used as it was sent. An execute request touches the rows of all its requests.
+    """
+    if isinstance(request, EXECUTE_TYPES):
+        # The union of its requests' rows: per-row order holds across batches too.
+        return list(dict.fromkeys(row for r in request.requests for row in rows_of(registry, r)))
+    if not isinstance(request, ROW_REQUEST_TYPES):
+        return []  # retrieve_entity touches no row
+    pairs: list[tuple[str, str | int]] = [(request.entity, request.id)]
+    if isinstance(request, UpdateRequest):
+        pairs.extend((r.entity, r.id) for r in request.related)
+    rows: list[Row] = []
+    for name, value in pairs:
+        entity = registry.get(name)
+        if entity is None:
+            rows.append((name, value))
+            continue
+        try:
+            rows.append((entity.name, _key(entity, value, "id")))
+        except Fault:
+            rows.append((entity.name, value))
+    return rows
+
+
+def round_numbers(rows: Sequence[Sequence[Row]]) -> list[int]:
+    """For each item in order, the first round after every earlier item sharing a row.
+
+    A round then touches each row at most once, and a row's items keep their order
+    across rounds: round ``n`` of a transaction runs before round ``n + 1``.
+    """
+    numbers: list[int] = []
+    last: dict[Row, int] = {}
+    for touched in rows:
+        number = max((last.get(r, -1) for r in touched), default=-1) + 1
+        for r in touched:
+            last[r] = number
+        numbers.append(number)
+    return numbers
+
+
 def _rounds(jobs: list[_Job]) -> list[list[_Job]]:
     rounds: list[list[_Job]] = []
-    last: dict[tuple[str, object], int] = {}
-    for job in jobs:
-        touches = [t.touch for t in job.targets]
-        number = max((last.get(t, -1) for t in touches), default=-1) + 1
-        for t in touches:
-            last[t] = number
+    for job, number in zip(
+        jobs, round_numbers([[t.touch for t in job.targets] for job in jobs]), strict=True
+    ):
         if number == len(rounds):
             rounds.append([])
         rounds[number].append(job)
     return rounds
-
-
-def _raw_touches(req: RowRequest) -> list[tuple[str, object]]:
-    touches: list[tuple[str, object]] = [(req.entity, req.id)]
-    if isinstance(req, UpdateRequest):
-        touches.extend((r.entity, r.id) for r in req.related)
-    return touches
 
 
 def _key(entity: Entity, value: str | int, path: str) -> object:

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import random
 import time
-import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -51,8 +50,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from processor import kafka
 from processor.config import Settings
-from processor.contract import request_key
-from processor.engine import Engine, Envelope, Outcome, is_transient
+from processor.engine import Engine, Envelope, Outcome, is_transient, rows_of
 from processor.errors import InvalidArgument, TransientError
 from processor.intake import (
     Message,
@@ -63,6 +61,7 @@ from processor.intake import (
     reject,
     rejected_records,
 )
+from processor.lanes import split
 from processor.log import get_logger
 from processor.metrics import Metrics
 
@@ -334,11 +333,9 @@ class Worker:
             admitted.extend((r, self._admit(r, now)) for r in records)
         admitted = await self._check_reply_topics(admitted, now)
 
-        lanes: list[list[tuple[Message, Envelope]]] = [[] for _ in range(self.settings.lanes)]
-        for message, item in admitted:
-            if isinstance(item, Envelope):
-                key = message.key or request_key(item.request)
-                lanes[zlib.crc32(key) % len(lanes)].append((message, item))
+        good = [(m, item) for m, item in admitted if isinstance(item, Envelope)]
+        registry = self.engine.registry
+        lanes = split(good, [rows_of(registry, e.request) for _, e in good], self.settings.lanes)
         started = time.monotonic()
         results = await asyncio.gather(
             *(self._run_lane(lane) for lane in lanes if lane), return_exceptions=True

@@ -90,6 +90,7 @@ class Raw:
     value: bytes | None
     key: bytes | None = b"raw"
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    partition: int | None = None  # None: the producer's partitioner picks by key
 
 
 @dataclass
@@ -199,12 +200,16 @@ class Scenario:
         try:
             for item in requests:
                 headers: list[tuple[str, bytes]] = []
+                partition: int | None = None
                 if isinstance(item, dict):
                     key: bytes | None = f"{item.get('entity')}:{item.get('id')}".encode()
                     value: bytes | None = msgspec.json.encode(item)
                 else:
                     key, value, headers = item.key, item.value, item.headers
-                await producer.send(self.request_topic, value, key=key, headers=headers)
+                    partition = item.partition
+                await producer.send(
+                    self.request_topic, value, key=key, headers=headers, partition=partition
+                )
                 count += 1
                 if rate:
                     await asyncio.sleep(1 / rate)
