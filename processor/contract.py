@@ -390,6 +390,11 @@ def decode_request(data: bytes) -> Request:
             fault.path = f"requests[{nested['index']}].type"
             raise fault from exc
         match = _PATH_RE.search(text)
+        if match and match["path"] == "requests" and " of length " in text:
+            got = "none" if ">=" in text else f"more than {MAX_BATCH_REQUESTS}"
+            text = (
+                f"an execute request holds 1 to {MAX_BATCH_REQUESTS} requests, got {got} ({text})"
+            )
         fault = InvalidArgument(f"invalid request: {text}")
         if match and match["path"]:
             fault.path = match["path"]
@@ -474,11 +479,13 @@ class Salvage(Struct, frozen=True):
     type: str | None = None
     entity: str | None = None
     id: str | int | None = None
+    reply_partition: int | None = None
 
 
 class _Loose(Struct):
     request_id: Any = None
     reply_to: Any = None
+    reply_partition: Any = None
     type: Any = None
     entity: Any = None
     id: Any = None
@@ -517,6 +524,11 @@ def salvage(data: bytes) -> Salvage:
         type=loose.type if loose.type in REQUEST_TYPES else None,
         entity=text(loose.entity, 63),
         id=record_id,
+        reply_partition=partition
+        if isinstance(partition := loose.reply_partition, int)
+        and not isinstance(partition, bool)
+        and 0 <= partition < 2**31
+        else None,
     )
 
 

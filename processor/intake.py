@@ -7,6 +7,7 @@ Pure functions, no I/O: a record becomes an :class:`~processor.engine.Envelope`,
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Rejected:
     request_id: str | None
     reply_to: str | None
     reply: Reply | None  # None when no request_id could be read: nothing to correlate
+    reply_partition: int | None = None
 
 
 def _header(headers: Headers, name: str) -> str | None:
@@ -110,7 +112,7 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
         request = decode_request(value)
     except Fault as exc:
         found = salvage(value)
-        return _rejected(
+        rejected = _rejected(
             message,
             exc,
             found.request_id,
@@ -120,6 +122,7 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
             found.id,
             now,
         )
+        return dataclasses.replace(rejected, reply_partition=found.reply_partition)
     source = Source(message.topic, message.partition, message.offset)
     return Envelope.of(request, source)
 
@@ -212,6 +215,7 @@ def rejected_records(
                 message.key,
                 encode_reply(rejected.reply),
                 _reply_headers(message, rejected.request_id),
+                rejected.reply_partition,
             )
         )
     error = f"{fault.name}: {fault.message}"

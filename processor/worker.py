@@ -58,12 +58,12 @@ from processor.intake import (
     Rejected,
     admit,
     outcome_records,
-    reject,
     rejected_records,
 )
 from processor.lanes import split
 from processor.log import get_logger
 from processor.metrics import Metrics
+from processor.reply_routes import ReplyRoutes
 
 __all__ = ["Worker"]
 
@@ -132,8 +132,7 @@ class Worker:
         # The previous batch's Kafka commit, running while the next batch is prepared.
         self._committing: asyncio.Task[dict[TopicPartition, int]] | None = None
         self._in_flight: frozenset[TopicPartition] = frozenset()
-        self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
-        self._topics_checked_at = 0.0
+        self._routes = ReplyRoutes(self._access, settings.reply_topic)
         self._last_poll = 0.0
         self._stop = asyncio.Event()
 
@@ -331,7 +330,7 @@ class Worker:
         admitted: list[tuple[Message, Envelope | Rejected]] = []
         for records in owned.values():
             admitted.extend((r, self._admit(r, now)) for r in records)
-        admitted = await self._check_reply_topics(admitted, now)
+        admitted = await self._routes.check(admitted, now)
 
         good = [(m, item) for m, item in admitted if isinstance(item, Envelope)]
         registry = self.engine.registry
@@ -467,45 +466,6 @@ class Worker:
 
     def _count(self, type_: str | None, status: str, code: int | None) -> None:
         self.metrics.requests.labels(type_ or "unknown", status, str(code or "")).inc()
-
-    async def _check_reply_topics(
-        self, admitted: list[tuple[Message, Envelope | Rejected]], now: datetime
-    ) -> list[tuple[Message, Envelope | Rejected]]:
-        """A reply_to naming a topic that does not exist is bad input, not a stuck batch."""
-        wanted = {
-            item.request.reply_to
-            for _, item in admitted
-            if isinstance(item, Envelope) and item.request.reply_to
-        } | {item.reply_to for _, item in admitted if isinstance(item, Rejected) and item.reply_to}
-        if not wanted - self._known_topics:
-            return admitted
-        if time.monotonic() - self._topics_checked_at > 1.0:
-            await self._refresh_topics()
-        checked: list[tuple[Message, Envelope | Rejected]] = []
-        for message, item in admitted:
-            if isinstance(item, Envelope):
-                topic = item.request.reply_to
-                if topic and topic not in self._known_topics:
-                    fault = InvalidArgument(f"reply_to topic {topic!r} does not exist")
-                    fault.path = "reply_to"
-                    item = reject(item, message, fault, now)
-            elif item.reply_to and item.reply_to not in self._known_topics:
-                item = Rejected(item.message, item.fault, item.request_id, None, item.reply)
-            checked.append((message, item))
-        return checked
-
-    async def _refresh_topics(self) -> None:
-        admin = kafka.admin_client(self._access)
-        try:
-            await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
-            topics = await asyncio.wait_for(admin.list_topics(), kafka.CALL_TIMEOUT)
-            self._known_topics |= set(topics)
-            self._topics_checked_at = time.monotonic()
-        except (KafkaError, TimeoutError, OSError) as exc:
-            log.warning("cannot list topics", error=repr(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
 
     # -- the database side ----------------------------------------------------------------
 
@@ -684,7 +644,9 @@ class Worker:
         await producer.begin_transaction()
         try:
             for r in records:
-                sent = await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                sent = await producer.send(
+                    r.topic, r.value, key=r.key, headers=r.headers, partition=r.partition
+                )
                 # The commit reports a failed send; this keeps asyncio from logging it again.
                 sent.add_done_callback(_retrieve)
             await producer.send_offsets_to_transaction({tp: next_offset}, self.settings.group_id)
