@@ -450,15 +450,26 @@ class Workers:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.paused: set[int] = set()
         self.ended: dict[int, str] = {}  # number -> how it ended, by our hand
+        self.ids: dict[int, str] = {}  # number -> PROCESSOR_WORKER_ID
+        self.ports: dict[int, int] = {}  # number -> its /metrics port
         self.next = 0
 
-    def start(self) -> int:
+    def start(self, worker_id: str | None = None) -> int:
+        """A new worker process; ``worker_id`` given: a restart under that id, as a
+        supervisor would do it (its first transaction aborts its previous life's)."""
         number = self.next
         self.next += 1
+        self.ids[number] = worker_id or f"w{number}"
+        (self.ports[number],) = free_ports(1)
+        env = dict(
+            self.env,
+            PROCESSOR_WORKER_ID=self.ids[number],
+            PROCESSOR_METRICS_PORT=str(self.ports[number]),
+        )
         with (self.logdir / f"worker-{number}.log").open("wb") as log:
             self.procs[number] = subprocess.Popen(
                 [sys.executable, "-m", "processor", "run"],
-                env=self.env,
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.logdir,
@@ -468,12 +479,26 @@ class Workers:
     def live(self) -> list[int]:
         return [n for n, p in self.procs.items() if p.poll() is None and n not in self.paused]
 
-    def assigned(self, number: int) -> bool:
-        """The worker logged a partition assignment (it is in the group, the rebalance done)."""
+    def metric(self, number: int, name: str) -> float | None:
+        """A sample of the worker's /metrics (summed over labels), None if it does not answer."""
         try:
-            return b"partitions assigned" in (self.logdir / f"worker-{number}.log").read_bytes()
+            with socket.create_connection(("127.0.0.1", self.ports[number]), timeout=2) as conn:
+                conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                chunks = []
+                while chunk := conn.recv(65536):
+                    chunks.append(chunk)
         except OSError:
-            return False
+            return None
+        total = None
+        for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+        return total
+
+    def assigned(self, number: int) -> bool:
+        """The worker received a partition assignment (it is in the group, the rebalance
+        done): its processor_assignments_total metric."""
+        return (self.metric(number, "processor_assignments_total") or 0) >= 1
 
     def unexpected_exits(self) -> dict[int, int]:
         """Workers that exited without our signal: number -> exit status."""
@@ -863,20 +888,23 @@ class Chaos:
         self.current = kind
         started = self.now()
         detail = ""
-        zombie_log: Path | None = None
-        seen = 0
+        zombie: int | None = None
+        fenced = assignments = 0.0
         if kind == "worker-kill9":
             n = self._pick()
             self.workers.kill9(n)
-            m = self.workers.start()
-            detail = f"worker {n} killed -9, worker {m} started" + await self._joined(m)
+            m = self.workers.start(self.workers.ids[n])
+            detail = (
+                f"worker {n} killed -9, restarted as worker {m} (same id)" + await self._joined(m)
+            )
         elif kind == "worker-zombie":
             n = self._pick()
             pause = self._hold(SESSION_TIMEOUT + 3, SESSION_TIMEOUT + 2, SESSION_TIMEOUT + 10)
+            fenced = self.workers.metric(n, "processor_fenced_total") or 0.0
+            assignments = self.workers.metric(n, "processor_assignments_total") or 0.0
+            zombie = n
             self.workers.pause(n)
             await asyncio.sleep(pause)
-            zombie_log = self.workers.logdir / f"worker-{n}.log"
-            seen = zombie_log.stat().st_size
             self.workers.resume(n)
             detail = f"worker {n} SIGSTOP for {pause:.1f}s, then SIGCONT"
         elif kind == "worker-add":
@@ -935,14 +963,14 @@ class Chaos:
         self.load.watch(self.load.t0 + healed)
         at = await self.load.wait_recovered(self.cfg.recovery_limit)
         record.recovered = None if at is None else at - self.load.t0
-        if zombie_log is not None:  # what the woken zombie met: fencing, a rebalance
-            with zombie_log.open("rb") as log:
-                log.seek(seen)
-                tail = log.read()
-            record.detail += (
-                f"; the zombie then logged {tail.count(b'fenced')} fencing(s) and "
-                f"{tail.count(b'partitions assigned')} new assignment(s)"
-            )
+        if zombie is not None:  # what the woken zombie met: fencing, a rebalance
+            fenced_after = self.workers.metric(zombie, "processor_fenced_total")
+            assignments_after = self.workers.metric(zombie, "processor_assignments_total")
+            if fenced_after is not None and assignments_after is not None:
+                record.detail += (
+                    f"; the zombie then counted {fenced_after - fenced:.0f} fenced batch(es) "
+                    f"and {assignments_after - assignments:.0f} new assignment(s)"
+                )
         rec = (
             f"recovered in {record.recovery:.1f}s"
             if record.recovery is not None

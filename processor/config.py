@@ -292,6 +292,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("reply_topic", "PROCESSOR_REPLY_TOPIC", _topic, "default topic for replies"),
     Setting("dlq_topic", "PROCESSOR_DLQ_TOPIC", _topic, "dead-letter topic"),
     Setting("group_id", "PROCESSOR_GROUP_ID", _group, "consumer group of the workers"),
+    Setting(
+        "worker_id",
+        "PROCESSOR_WORKER_ID",
+        _group,
+        "this worker's id, unique among live workers and kept across its restarts; its "
+        "transactional id is <group>-<id> (default: the host name)",
+    ),
     Setting("entities", "PROCESSOR_ENTITIES", Path, "path of the entity registry (TOML)"),
     Setting("ledger_schema", "PROCESSOR_LEDGER_SCHEMA", _ident, "schema of the request ledger"),
     Setting("lanes", "PROCESSOR_LANES", _positive, "database connections working in parallel"),
@@ -331,6 +338,7 @@ class Settings:
     reply_topic: str = "replies"
     dlq_topic: str = "requests.dlq"
     group_id: str = "processor"
+    worker_id: str | None = None
     entities: Path | None = None
     ledger_schema: str = "processor"
     lanes: int = 2

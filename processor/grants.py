@@ -17,8 +17,7 @@ What the worker's SQL (processor/statements.py, processor/ledger.py) needs, per 
 * ``DELETE`` (table-level: PostgreSQL has no column-level DELETE). Never INSERT: an update
   never creates a row.
 
-The ledger: ``SELECT`` and ``INSERT`` for the worker (and ``SELECT``, ``INSERT``, ``UPDATE``
-on the offset marks beside it); ``SELECT`` and ``DELETE`` for the
+The ledger: ``SELECT`` and ``INSERT`` for the worker; ``SELECT`` and ``DELETE`` for the
 prune role (``--prune``: ``prune-ledger`` deletes by ``ctid``, a system column, which needs
 table-level SELECT). Both need ``USAGE`` on their schemas and ``CONNECT`` on the database.
 
@@ -129,13 +128,6 @@ def plan_for(ledger: Ledger, registry: Registry | None = None, *, prune: bool = 
             ledger.table,
             ("SELECT", "INSERT"),
             why="the request ledger: look up stored replies, record new ones",
-        )
-    )
-    tables.append(
-        TableGrant(
-            ledger.marks,
-            ("SELECT", "INSERT", "UPDATE"),
-            why="offset marks: the highest offset committed per partition (raised, never lowered)",
         )
     )
     return Plan("worker", tuple(sorted(schemas)), tuple(tables))

@@ -23,7 +23,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
-from processor import aiokafka_fixes
+from processor import kip447
 from processor.config import Secret, kafka_security_problem
 from processor.errors import ConfigError, ProcessorError
 
@@ -34,6 +34,7 @@ __all__ = [
     "check_access",
     "ensure_topics",
     "explain_unreachable",
+    "is_transient",
     "make_consumer",
     "make_producer",
     "transactional_id",
@@ -57,9 +58,25 @@ TXN_RETRY_BACKOFF = 0.002
 TXN_RETRY_BACKOFF_MS = 10
 
 
-def transactional_id(group_id: str, topic: str, partition: int) -> str:
-    """One id per input partition: a new owner of the partition fences the old one."""
-    return f"{group_id}-{topic}-{partition}"
+def is_transient(exc: BaseException) -> bool:
+    """Whether a Kafka client call that raised ``exc`` is worth another try."""
+    return isinstance(exc, errors.KafkaError | TimeoutError | OSError)
+
+
+#: transaction.timeout.ms of the worker's producer: how long the broker lets a transaction
+#: stay open before aborting it. It bounds how long the partitions of a worker that died
+#: mid-commit (and is not restarted under the same id) stay blocked: their new owners'
+#: stable offset fetches wait for that transaction, and so do read_committed readers of
+#: the reply topic. A batch's transaction lasts milliseconds (a broker failover: seconds);
+#: 10 s is Kafka Streams' choice for exactly-once too, and equals the session timeout,
+#: the time the group needs to notice a dead member anyway.
+TRANSACTION_TIMEOUT_MS = 10_000
+
+
+def transactional_id(group_id: str, worker_id: str) -> str:
+    """One id per worker, the same across its restarts: a restart aborts its own open
+    transaction at once (InitProducerId) instead of leaving it to the timeout."""
+    return f"{group_id}-{worker_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +185,7 @@ def _reason(exc: OSError) -> str:
 
 
 def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
-    aiokafka_fixes.install()  # a committed offset, never "none" while the coordinator loads
+    kip447.install()  # stable committed offsets; never "none" while the coordinator loads
     settings: dict[str, Any] = {
         **access.client_options(),
         "group_id": group_id,
@@ -197,9 +214,10 @@ def make_producer(
         "request_timeout_ms": 30_000,
     }
     if txn_id is not None:
+        kip447.install()  # TxnOffsetCommit v3: offsets fenced by the group's generation
         _aiokafka_sender.BACKOFF_OVERRIDE = TXN_RETRY_BACKOFF
         settings["transactional_id"] = txn_id
-        settings["transaction_timeout_ms"] = 60_000
+        settings["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
         settings["retry_backoff_ms"] = TXN_RETRY_BACKOFF_MS
     settings.update(extra)
     return AIOKafkaProducer(**settings)

@@ -55,9 +55,6 @@ class Ledger:
             raise ConfigError(f"ledger schema {schema!r} is not a plain identifier")
         self.schema = schema
         self.table = f'"{schema}".request_ledger'
-        #: Per consumer group and input partition, the highest offset a worker committed to
-        #: Kafka with its replies: the floor of where a new owner may start (see worker.py).
-        self.marks = f'"{schema}".offset_marks'
         self._lookup = (
             f"SELECT request_id, fingerprint, reply FROM {self.table} "
             "WHERE request_id = ANY($1::text[])"
@@ -95,14 +92,6 @@ CREATE INDEX IF NOT EXISTS request_ledger_processed_at
     ON {self.table} (processed_at);
 CREATE INDEX IF NOT EXISTS request_ledger_record
     ON {self.table} (entity, record_id, processed_at);
-CREATE TABLE IF NOT EXISTS {self.marks} (
-    group_id    text NOT NULL,
-    topic       text NOT NULL,
-    partition   integer NOT NULL,
-    next_offset bigint NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (group_id, topic, partition)
-);
 """
 
     async def migrate(self, conn: Connection) -> None:
@@ -110,35 +99,6 @@ CREATE TABLE IF NOT EXISTS {self.marks} (
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('processor-ledger'))")
             await conn.execute(self.migration_sql())
-
-    async def record_marks(
-        self, conn: Connection, group_id: str, marks: Mapping[tuple[str, int], int]
-    ) -> None:
-        """Raise each (topic, partition)'s mark to ``next_offset``; never lowers one."""
-        if not marks:
-            return
-        topics, partitions, offsets = zip(*((t, p, o) for (t, p), o in marks.items()), strict=True)
-        await conn.execute(
-            f"INSERT INTO {self.marks} AS m (group_id, topic, partition, next_offset) "
-            "SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[]) "
-            "ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
-            "next_offset = GREATEST(m.next_offset, EXCLUDED.next_offset), updated_at = now()",
-            group_id,
-            list(topics),
-            list(partitions),
-            list(offsets),
-        )
-
-    async def mark(self, conn: Connection, group_id: str, topic: str, partition: int) -> int | None:
-        """The highest offset ``group_id`` committed for the partition, as recorded."""
-        value = await conn.fetchval(
-            f"SELECT next_offset FROM {self.marks} "
-            "WHERE group_id = $1 AND topic = $2 AND partition = $3",
-            group_id,
-            topic,
-            partition,
-        )
-        return None if value is None else int(value)
 
     async def lookup(
         self, conn: Connection, request_ids: Sequence[str]

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from processor import kip447
 
 __all__ = ["Metrics", "serve_http"]
+
+
+class _Kip447Collector(Collector):
+    """processor.kip447's counters, read when scraped (aiokafka's loops count them)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "processor_unstable_offset_fetches",
+            "Committed-offset fetches answered UNSTABLE_OFFSET_COMMIT (a transaction holding "
+            "the offset was open) and retried",
+            value=kip447.counters["unstable_offset_fetch"],
+        )
 
 
 class Metrics:
@@ -61,6 +77,22 @@ class Metrics:
         self.assigned = Gauge(
             "processor_assigned_partitions", "Partitions this worker owns", registry=r
         )
+        self.rebalances = Counter(
+            "processor_assignments", "Partition assignments this worker received", registry=r
+        )
+        self.transactions = Counter(
+            "processor_kafka_transactions", "Kafka transactions committed", registry=r
+        )
+        self.fenced = Counter(
+            "processor_fenced",
+            "Batches not committed because this worker was fenced: by the group (generation: "
+            "it no longer owns the partitions) or by another producer of its transactional id",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("generation", "producer"):
+            self.fenced.labels(reason)
+        r.register(_Kip447Collector())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,9 +30,8 @@ async def build_engine(conn: Connection, settings: Settings) -> Engine:
     ledger = Ledger(settings.ledger_schema)
     try:
         registry = await load_registry(conn, settings.entities)
-        for table in (ledger.table, ledger.marks):
-            if await conn.fetchval("SELECT to_regclass($1)", table) is None:
-                raise ConfigError(f"{table} does not exist: run `processor migrate`")
+        if await conn.fetchval("SELECT to_regclass($1)", ledger.table) is None:
+            raise ConfigError(f"{ledger.table} does not exist: run `processor migrate`")
         missing = await missing_privileges(conn, registry, ledger)
     except asyncpg.InsufficientPrivilegeError as exc:  # e.g. no USAGE on a schema
         missing = [str(exc)]

@@ -160,8 +160,12 @@ class Scenario:
         env.update(extra)
         return env
 
-    def start_worker(self, **extra: str) -> subprocess.Popen[bytes]:
-        with open(self.tmp / f"worker-{len(self.workers)}.log", "wb") as log:
+    def start_worker(self, worker_id: str | None = None, **extra: str) -> subprocess.Popen[bytes]:
+        """A `processor run` process; ``worker_id`` defaults to a new one (``w<n>``): pass a
+        dead worker's id to restart it as its supervisor would."""
+        number = len(self.workers)
+        extra.setdefault("PROCESSOR_WORKER_ID", worker_id or f"w{number}")
+        with open(self.tmp / f"worker-{number}.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "processor", "run"],
                 env=self.env(**extra),

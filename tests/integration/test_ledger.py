@@ -57,15 +57,12 @@ async def scratch_schemas(pg: asyncpg.Connection, db_schema: str) -> AsyncIterat
 async def test_migrate_creates_the_table_and_is_idempotent(
     pg: asyncpg.Connection, db_schema: str
 ) -> None:
-    """Twice in a row is fine and leaves exactly the ledger (its key, two indexes) and the
-    offset marks (their key)."""
+    """Twice in a row is fine and leaves exactly the ledger (its key, two indexes)."""
     ledger = Ledger(db_schema)
     await ledger.migrate(pg)
     await ledger.insert(pg, [_entry("r1", datetime.now(UTC))])
     await ledger.migrate(pg)
     assert await _ledger_objects(pg, db_schema) == [
-        "offset_marks",
-        "offset_marks_pkey",
         "request_ledger",
         "request_ledger_pkey",
         "request_ledger_processed_at",
@@ -88,7 +85,7 @@ async def test_concurrent_migrations_from_two_connections(
     stack_endpoints: Endpoints, db_schema: str, scratch_schemas: list[str], pg: asyncpg.Connection
 ) -> None:
     """Two workers starting at once (several times, each on a fresh schema): both succeed,
-    one ledger (and one marks table) results."""
+    one ledger results."""
     conns = [await asyncpg.connect(stack_endpoints.database_url) for _ in range(2)]
     try:
         for n in range(5):
@@ -97,8 +94,6 @@ async def test_concurrent_migrations_from_two_connections(
             ledger = Ledger(name)
             await asyncio.gather(*(ledger.migrate(c) for c in conns))
             assert await _ledger_objects(pg, name) == [
-                "offset_marks",
-                "offset_marks_pkey",
                 "request_ledger",
                 "request_ledger_pkey",
                 "request_ledger_processed_at",
@@ -186,19 +181,3 @@ def test_ledger_table_name() -> None:
     """The table is <schema>.request_ledger."""
     name = f"s_{uuid.uuid4().hex[:8]}"
     assert Ledger(name).table == f'"{name}".request_ledger'
-
-
-async def test_an_offset_mark_is_only_ever_raised(pg: asyncpg.Connection, db_schema: str) -> None:
-    """Marks per (group, topic, partition): a lower next_offset (a zombie's late commit, a
-    slower worker) never lowers one; other groups and partitions are separate."""
-    ledger = Ledger(db_schema)
-    await ledger.migrate(pg)
-    assert await ledger.mark(pg, "g", "requests", 0) is None
-    await ledger.record_marks(pg, "g", {("requests", 0): 100, ("requests", 1): 7})
-    await ledger.record_marks(pg, "g", {("requests", 0): 40})
-    await ledger.record_marks(pg, "replay", {("requests", 0): 5})
-    assert await ledger.mark(pg, "g", "requests", 0) == 100
-    assert await ledger.mark(pg, "g", "requests", 1) == 7
-    assert await ledger.mark(pg, "replay", "requests", 0) == 5
-    await ledger.record_marks(pg, "g", {("requests", 0): 120})
-    assert await ledger.mark(pg, "g", "requests", 0) == 120

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from tests.integration.harness import DEAD, Raw, Scenario, check_exactly_once, updates
+from tests.support import until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -198,7 +199,7 @@ async def test_kill_minus_9_at_random_points_then_restart_loses_and_duplicates_n
         await asyncio.sleep(rng.uniform(0.5, 1.5))
         scenario.workers[-1].send_signal(signal.SIGKILL)
         scenario.workers[-1].wait()
-        scenario.start_worker()
+        scenario.start_worker("w0")  # restarted under its id: it aborts its own open transaction
     await sender
     replies = await scenario.replies(expect=len(requests), timeout=180)
     await check_exactly_once(pg, scenario.schema, replies, requests)
@@ -229,7 +230,9 @@ async def test_sigterm_mid_stream_exits_cleanly_and_loses_nothing(
     requests = updates(range(1, 21), 50, scenario.run)
     first = scenario.start_worker()
     sender = asyncio.create_task(scenario.send(requests, rate=600))
-    await asyncio.sleep(1.0)
+    # Mid-stream: once it has its partitions (a loaded machine takes seconds to start one).
+    await until(lambda: "partitions assigned" in scenario.logs(), "the worker's assignment", 60)
+    await asyncio.sleep(0.5)
     first.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(first.wait, 60)
     assert code == 0, scenario.logs()

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 
 from processor import kafka
 from tests.integration.harness import Scenario, check_exactly_once, updates
-from tests.support import ROOT
+from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
@@ -78,7 +78,9 @@ async def test_postgres_immediate_stop_and_start_mid_stream_needs_no_operator(
     requests = updates(range(1, 31), 40, scenario.run)
     scenario.start_worker()
     sender = asyncio.create_task(scenario.send(requests, rate=400))
-    await asyncio.sleep(1.0)
+    # Mid-stream: once the worker is processing (a loaded machine takes seconds to start it).
+    await until(lambda: "partitions assigned" in scenario.logs(), "the worker's assignment", 60)
+    await asyncio.sleep(0.5)
     await asyncio.to_thread(_stack, "stop", "postgres", "--immediate")
     await asyncio.sleep(2.0)
     await asyncio.to_thread(_stack, "up")

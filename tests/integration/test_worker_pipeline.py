@@ -1,8 +1,8 @@
 """The worker's pipelined commits and its fencing rules, with failures injected in-process.
 
-The worker runs in the test's event loop (real Kafka, real PostgreSQL) so that a Kafka
-commit can be made to fail, or to stall while another producer takes the partition over,
-at an exact point of the stream.
+The worker runs in the test's event loop (real Kafka, real PostgreSQL) with its commit
+pipeline's seam (:class:`processor.commit.Transactions`) wrapped, so that a Kafka commit
+can fail, or carry another group generation, at an exact point of the stream.
 """
 
 from __future__ import annotations
@@ -10,43 +10,91 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from processor import kafka
-from processor import worker as worker_module
+from processor import kafka, kip447
+from processor.commit import KafkaTransactions, Transactions
 from processor.config import Settings
+from processor.intake import OutRecord
 from processor.metrics import Metrics
 from processor.service import build_engine
 from processor.worker import Worker
 from tests.conftest import Endpoints
 from tests.integration.harness import Scenario, check_exactly_once, updates
+from tests.support import until
 
 pytestmark = pytest.mark.asyncio
 
-Transaction = Callable[[AIOKafkaProducer, TopicPartition, list[Any], int], Awaitable[None]]
+Commit = Callable[
+    [Sequence[OutRecord], Mapping[TopicPartition, int], kip447.GroupMetadata], Awaitable[None]
+]
+
+
+class Wrapped:
+    """The worker's real transactions, with ``commit`` replaceable by the test."""
+
+    def __init__(self, inner: KafkaTransactions) -> None:
+        self.inner = inner
+        self.transactional_id = inner.transactional_id
+        self.commit_hook: Callable[[Commit], Commit] | None = None
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def commit(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int],
+        group: kip447.GroupMetadata,
+    ) -> None:
+        commit: Commit = self.inner.commit
+        if self.commit_hook is not None:
+            commit = self.commit_hook(commit)
+        await commit(records, offsets, group)
+
+    async def reset(self) -> None:
+        await self.inner.reset()
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 @contextlib.asynccontextmanager
-async def running(scenario: Scenario) -> AsyncIterator[Worker]:
-    """A worker of the scenario's group, in this event loop, stopped on exit."""
-    settings = Settings.from_env(scenario.env())
+async def running(
+    scenario: Scenario, *, commit_retry_seconds: float = 60.0
+) -> AsyncIterator[tuple[Worker, Wrapped]]:
+    """A worker of the scenario's group, in this event loop, stopped on exit; with the
+    wrapper of its transactions."""
+    settings = Settings.from_env(scenario.env(PROCESSOR_WORKER_ID="in-process"))
     pool = await asyncpg.create_pool(scenario.database_url, min_size=1, max_size=4)
     assert pool is not None
     try:
         async with pool.acquire() as conn:
             engine = await build_engine(conn, settings)
-        worker = Worker(settings, engine, pool, Metrics())
+        access = settings.kafka_access()
+        wrapped = Wrapped(
+            KafkaTransactions(access, kafka.transactional_id(settings.group_id, "in-process"))
+        )
+        transactions: Transactions = wrapped
+        worker = Worker(
+            settings,
+            engine,
+            pool,
+            Metrics(),
+            transactions=transactions,
+            commit_retry_seconds=commit_retry_seconds,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
-            yield worker
+            yield worker, wrapped
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)
@@ -59,43 +107,126 @@ async def running(scenario: Scenario) -> AsyncIterator[Worker]:
 
 
 def sample(worker: Worker, name: str) -> float:
-    return worker.metrics.registry.get_sample_value(name) or 0.0
+    """A metric's value, summed over its labels."""
+    return sum(
+        s.value
+        for metric in worker.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == name
+    )
 
 
-async def test_a_partition_whose_commit_fails_is_rewound_and_no_reply_is_lost_or_doubled(
-    scenario: Scenario, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+async def test_a_batch_whose_commit_fails_is_rewound_and_no_reply_is_lost_or_doubled(
+    scenario: Scenario, pg: asyncpg.Connection
 ) -> None:
-    """Partition 0's Kafka commit fails three times (given up at once): the batch being
-    prepared meanwhile drops its partition-0 records, the partition is read again from the
-    failed batch, the redo is answered from the ledger, and every request still gets
-    exactly one reply, applied once and in per-key order."""
-    monkeypatch.setattr(worker_module, "COMMIT_RETRY_SECONDS", 0.0)
+    """Three commits fail (given up at once): the batch being prepared meanwhile drops
+    the failed batch's partitions, they are read again from the failed batch, the redo is
+    answered from the ledger, and every request still gets exactly one reply, applied
+    once and in per-row order."""
     await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 40)")
     requests = updates(range(1, 41), 30, scenario.run)
     failures = 0
-    async with running(scenario) as worker:
-        original: Transaction = worker._transaction
 
-        async def flaky(
-            producer: AIOKafkaProducer, tp: TopicPartition, records: list[Any], offset: int
+    def flaky(commit: Commit) -> Commit:
+        async def failing(
+            records: Sequence[OutRecord],
+            offsets: Mapping[TopicPartition, int],
+            group: kip447.GroupMetadata,
         ) -> None:
             nonlocal failures
-            if tp.partition == 0 and failures < 3:
+            if failures < 3:
                 failures += 1
                 await asyncio.sleep(0.2)  # long enough for the next batch to be prepared
                 raise KafkaConnectionError("injected: broker unreachable")
-            await original(producer, tp, records, offset)
+            await commit(records, offsets, group)
 
-        monkeypatch.setattr(worker, "_transaction", flaky)
+        return failing
+
+    async with running(scenario, commit_retry_seconds=0.0) as (worker, wrapped):
+        wrapped.commit_hook = flaky
         await scenario.send(requests)
         replies = await scenario.replies(expect=len(requests))
         replayed = sample(worker, "processor_replayed_requests_total")
+    assert failures == 3
+    assert replayed > 0, "the failed batches were not redone from the ledger"
+    await check_exactly_once(pg, scenario.schema, replies, requests)
+
+
+async def test_a_commit_that_fails_twice_is_retried_with_a_new_producer_and_lands(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """Within the retry budget a failed commit is retried (the producer replaced, the
+    same records in a new transaction): nothing is read again, nothing answered twice."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 10)")
+    requests = updates(range(1, 11), 10, scenario.run)
+    failures = 0
+
+    def flaky(commit: Commit) -> Commit:
+        async def failing(
+            records: Sequence[OutRecord],
+            offsets: Mapping[TopicPartition, int],
+            group: kip447.GroupMetadata,
+        ) -> None:
+            nonlocal failures
+            if failures < 2:
+                failures += 1
+                raise KafkaConnectionError("injected: broker unreachable")
+            await commit(records, offsets, group)
+
+        return failing
+
+    async with running(scenario) as (worker, wrapped):
+        wrapped.commit_hook = flaky
+        await scenario.send(requests)
+        replies = await scenario.replies(expect=len(requests))
         retries = worker.metrics.registry.get_sample_value(
             "processor_retries_total", {"cause": "kafka"}
         )
-    assert failures == 3
-    assert retries == 3
-    assert replayed > 0, "the failed batch was not redone from the ledger"
+        replayed = sample(worker, "processor_replayed_requests_total")
+    assert failures == 2
+    assert retries == 2
+    assert replayed == 0
+    await check_exactly_once(pg, scenario.schema, replies, requests)
+
+
+async def test_offsets_of_another_generation_are_refused_and_the_batch_is_redone(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """A batch whose offsets carry a generation the group has left behind (what a zombie
+    sends) is refused by the group coordinator: the transaction is aborted, none of its
+    replies becomes visible, the worker counts the fencing and redoes the batch from the
+    ledger; one reply each."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 10)")
+    requests = updates(range(1, 11), 5, scenario.run)
+    tampered = 0
+
+    def stale(commit: Commit) -> Commit:
+        async def old_generation(
+            records: Sequence[OutRecord],
+            offsets: Mapping[TopicPartition, int],
+            group: kip447.GroupMetadata,
+        ) -> None:
+            nonlocal tampered
+            if tampered == 0 and records:
+                tampered += 1
+                group = kip447.GroupMetadata(
+                    group.group_id, group.generation_id - 1, group.member_id
+                )
+            await commit(records, offsets, group)
+
+        return old_generation
+
+    async with running(scenario) as (worker, wrapped):
+        wrapped.commit_hook = stale
+        await scenario.send(requests)
+        replies = await scenario.replies(expect=len(requests))
+        fenced = worker.metrics.registry.get_sample_value(
+            "processor_fenced_total", {"reason": "generation"}
+        )
+        replayed = sample(worker, "processor_replayed_requests_total")
+    assert tampered == 1
+    assert fenced == 1, "the coordinator did not refuse the old generation"
+    assert replayed > 0, "the refused batch was not redone from the ledger"
     await check_exactly_once(pg, scenario.schema, replies, requests)
 
 
@@ -114,90 +245,43 @@ async def one_partition(
     return s
 
 
-async def take_over(scenario: Scenario, next_offset: int) -> None:
-    """What a new owner of partition 0 does: start its producer (fencing the old one)
-    and commit the group's offset past the records it processed."""
-    tp = TopicPartition(scenario.request_topic, 0)
-    producer = kafka.make_producer(
-        kafka.KafkaAccess(scenario.kafka),
-        txn_id=kafka.transactional_id(scenario.group, scenario.request_topic, 0),
-    )
-    await producer.start()
-    try:
-        await producer.begin_transaction()
-        await producer.send_offsets_to_transaction({tp: next_offset}, scenario.group)
-        await producer.commit_transaction()
-    finally:
-        await producer.stop()
-
-
-@pytest.mark.parametrize("error", ["fenced", "connection"])
-async def test_a_fenced_worker_leaves_the_new_owners_work_alone_and_resumes_after_it(
-    one_partition: Scenario, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, error: str
-) -> None:
-    """While a worker's commit of requests 10-19 stalls, another producer of the
-    partition's transactional id takes over and commits the offset past them. When the
-    stalled commit resumes, fenced (or failing as if the broker were unreachable, so the
-    worker restarts its producer and fences the other back), the worker commits nothing
-    for 10-19, and then carries on from the committed offset: 20-29 are answered once."""
-    s = one_partition
-    monkeypatch.setattr(worker_module, "FENCED_PAUSE_SECONDS", 0.5)
-    await pg.execute(f"INSERT INTO {s.schema}.acct (id) SELECT generate_series(1, 10)")
-    first, second, third = (updates(range(1, 11), 1, f"{s.run}-{w}") for w in "abc")
-    async with running(s) as worker:
-        await s.send(first)
-        assert len(await s.replies(expect=10)) == 10
-
-        original: Transaction = worker._transaction
-        stalled = asyncio.Event()
-        resume = asyncio.Event()
-
-        async def stalling(
-            producer: AIOKafkaProducer, tp: TopicPartition, records: list[Any], offset: int
-        ) -> None:
-            if offset == 20 and not resume.is_set():
-                stalled.set()
-                await resume.wait()
-                if error == "connection":
-                    raise KafkaConnectionError("injected: broker unreachable")
-            await original(producer, tp, records, offset)
-
-        monkeypatch.setattr(worker, "_transaction", stalling)
-        await s.send(second)
-        await asyncio.wait_for(stalled.wait(), 30)
-        await take_over(s, 20)
-        resume.set()
-        await s.send(third)
-        replies = await s.replies(expect=20)
-    answered = sorted(r.request_id for r in replies)
-    assert answered == sorted(r["request_id"] for r in first + third)
-    assert all(r.status == "success" for r in replies)
-
-
-async def test_a_partition_starts_at_the_groups_mark_when_the_brokers_offset_went_back(
+async def test_a_new_owner_waits_for_the_open_transaction_of_the_old_one(
     one_partition: Scenario, pg: asyncpg.Connection
 ) -> None:
-    """After every successful commit the worker raises the partition's mark in the
-    database. When the broker later answers with an older committed offset (as Kafka 4.3
-    did after restarts in the chaos run), the next owner starts at the mark: the records
-    between were answered already and are not answered twice."""
+    """What the per-partition offset marks guarded, covered by require_stable: a previous
+    owner's transaction holding the partition's offset (20) is open when a worker starts.
+    The worker does not start from the offset before it (10): it waits until the
+    transaction ends, then starts at 20, so requests 10-19 are not answered twice."""
     s = one_partition
+    tp = TopicPartition(s.request_topic, 0)
     await pg.execute(f"INSERT INTO {s.schema}.acct (id) SELECT generate_series(1, 10)")
-    first, second = (updates(range(1, 11), 1, f"{s.run}-{w}") for w in "ab")
+    first, second, third = (updates(range(1, 11), 1, f"{s.run}-{w}") for w in "abc")
     async with running(s):
         await s.send(first)
         assert len(await s.replies(expect=10)) == 10
-    mark = await pg.fetchval(
-        f"SELECT next_offset FROM {s.schema}.offset_marks WHERE group_id = $1", s.group
-    )
-    assert mark == 10
-
-    await take_over(s, 5)  # the group's committed offset goes back to 5
     await s.send(second)
-    async with running(s):
-        replies = await s.replies(expect=20)
+
+    previous = kafka.make_producer(kafka.KafkaAccess(s.kafka), txn_id=f"{s.group}-previous")
+    await previous.start()
+    try:
+        await previous.begin_transaction()
+        await kip447.send_offsets_to_transaction(
+            previous, {tp: 20}, kip447.GroupMetadata(s.group, -1, "")
+        )
+        unstable = kip447.counters["unstable_offset_fetch"]
+        async with running(s) as (worker, _):
+            await until(
+                lambda: kip447.counters["unstable_offset_fetch"] > unstable + 2,
+                "the worker's offset fetch to be answered UNSTABLE_OFFSET_COMMIT",
+            )
+            assert sample(worker, "processor_requests_total") == 0
+            await previous.commit_transaction()
+            await s.send(third)
+            replies = await s.replies(expect=20)
+    finally:
+        await previous.stop()
     answered = sorted(r.request_id for r in replies)
-    assert answered == sorted(r["request_id"] for r in first + second)
+    assert answered == sorted(r["request_id"] for r in first + third)
 
 
 class FailingReturns:
@@ -230,15 +314,15 @@ async def test_a_connection_that_fails_on_its_way_back_to_the_pool_loses_no_outc
     stand: no UnExpected fault for applied requests, no retry, each applied once."""
     await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 20)")
     requests = updates(range(1, 21), 5, scenario.run)
-    async with running(scenario) as worker:
-        failing = FailingReturns(worker.pool, 3)
-        monkeypatch.setattr(worker, "pool", failing)
+    async with running(scenario) as (worker, _):
+        failing = FailingReturns(worker.applier.pool, 2)
+        monkeypatch.setattr(worker.applier, "pool", failing)
         await scenario.send(requests)
         replies = await scenario.replies(expect=len(requests))
         retries = worker.metrics.registry.get_sample_value(
             "processor_retries_total", {"cause": "database"}
         )
-        monkeypatch.setattr(worker, "pool", failing._pool)  # stop() releases through it
+        monkeypatch.setattr(worker.applier, "pool", failing._pool)  # stop() releases through it
     assert failing.left == 0
     assert not retries
     await check_exactly_once(pg, scenario.schema, replies, requests)

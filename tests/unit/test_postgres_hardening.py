@@ -161,7 +161,6 @@ def test_the_worker_plan_grants_select_delete_column_update_and_the_ledgers_tabl
         'GRANT SELECT, DELETE ON TABLE "stock"."item" TO "w";',
         'GRANT UPDATE ("qty", "version") ON TABLE "stock"."item" TO "w";',
         'GRANT SELECT, INSERT ON TABLE "ledger".request_ledger TO "w";',
-        'GRANT SELECT, INSERT, UPDATE ON TABLE "ledger".offset_marks TO "w";',
     ]
     text = " ".join(grants)
     for never in ("CREATE", 'INSERT ON TABLE "app"', "TRUNCATE", "ALL", "OWNER", "WITH GRANT"):

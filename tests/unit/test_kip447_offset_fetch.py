@@ -1,4 +1,5 @@
-"""aiokafka's OffsetFetch: a group-level error is an error, not "no committed offset"."""
+"""processor.kip447's OffsetFetch: a group-level error is an error, not "no committed offset";
+UNSTABLE_OFFSET_COMMIT is retried; v7 answers are read."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from typing import Any
 import aiokafka.errors as errors
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.consumer.group_coordinator import GroupCoordinator
 
-from processor import aiokafka_fixes
+from processor import kip447
 
 TP = TopicPartition("requests", 3)
 
@@ -20,7 +20,7 @@ class Response:
     """An OffsetFetch v2+ response: group-level error_code, per-partition entries."""
 
     error_code: int
-    topics: list[tuple[str, list[tuple[int, int, str, int]]]] = field(default_factory=list)
+    topics: list[tuple[str, list[tuple[Any, ...]]]] = field(default_factory=list)
 
 
 class Coordinator:
@@ -40,8 +40,7 @@ class Coordinator:
 
 
 async def fetch(coordinator: Coordinator) -> Any:
-    aiokafka_fixes.install()
-    return await GroupCoordinator._do_fetch_commit_offsets(coordinator, [TP])
+    return await kip447._do_fetch_commit_offsets(coordinator, [TP])
 
 
 async def test_a_coordinator_still_loading_raises_a_retriable_error_instead_of_no_offset() -> None:
@@ -67,3 +66,18 @@ async def test_offsets_are_read_as_before_when_the_group_level_code_is_zero() ->
     assert offsets[TP].offset == 1500
     none = await fetch(Coordinator(Response(0, [("requests", [(3, -1, "", 0)])])))
     assert TP not in none  # a group that never committed: still "no offset"
+
+
+async def test_an_unstable_offset_is_a_retriable_error_and_counted() -> None:
+    """UNSTABLE_OFFSET_COMMIT (88, v7): a transaction holding the offset is open."""
+    before = kip447.counters["unstable_offset_fetch"]
+    with pytest.raises(kip447.UnstableOffsetCommit) as caught:
+        await fetch(Coordinator(Response(0, [("requests", [(3, -1, -1, None, 88, {})])])))
+    assert caught.value.retriable
+    assert kip447.counters["unstable_offset_fetch"] == before + 1
+
+
+async def test_a_v7_answer_is_read() -> None:
+    offsets = await fetch(Coordinator(Response(0, [("requests", [(3, 42, 7, None, 0, {})])])))
+    assert offsets[TP].offset == 42
+    assert offsets[TP].metadata == ""

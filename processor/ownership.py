@@ -1,0 +1,63 @@
+"""Partition ownership: which fetched records this worker may process, and rewinds.
+
+Where a partition starts is the group's committed offset, read with ``require_stable``
+(:mod:`processor.kip447`): while a transaction holding that partition's offset is still
+open (the previous owner died or froze mid-commit), the fetch waits until it is committed
+or aborted, so a new owner never starts from an offset older than the last committed
+batch, and never re-reads a batch whose replies are already visible. aiokafka reads it
+when the partition is assigned; this worker only ever moves a position back (a rewind
+after a failed commit) and only on partitions it still holds.
+
+On revocation the batches in flight are committed first (under the old generation, which
+the coordinator still accepts while the group prepares the rebalance), so a partition is
+handed over at a committed offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from processor.log import get_logger
+from processor.metrics import Metrics
+
+__all__ = ["Ownership"]
+
+log = get_logger("processor.ownership")
+
+
+class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The consumer's rebalance listener and the questions about what it holds."""
+
+    def __init__(self, metrics: Metrics, settle: Callable[[], Awaitable[None]]) -> None:
+        self._metrics = metrics
+        self._settle = settle
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._settle()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        held = self.consumer.assignment() if self.consumer is not None else set(assigned)
+        self._metrics.assigned.set(len(held))
+        self._metrics.rebalances.inc()
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    def holds(self, tp: TopicPartition) -> bool:
+        return self.consumer is not None and tp in self.consumer.assignment()
+
+    def owned(
+        self, fetched: Mapping[TopicPartition, Sequence[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The fetched records of partitions this worker still holds (a partition revoked
+        meanwhile is read by its new owner)."""
+        return {tp: list(records) for tp, records in fetched.items() if records and self.holds(tp)}
+
+    def rewind(self, rewinds: Mapping[TopicPartition, int]) -> None:
+        """Read each partition again from its offset, if this worker still holds it."""
+        assert self.consumer is not None
+        for tp, offset in rewinds.items():
+            if self.holds(tp):
+                self.consumer.seek(tp, offset)
