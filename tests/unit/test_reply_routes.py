@@ -6,11 +6,15 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from processor.contract import Reply, encode_reply
 from processor.engine import Envelope, Outcome
 from processor.errors import InvalidArgument
 from processor.intake import Rejected, admit, outcome_records, rejected_records
 from processor.reply_routes import check_routes
+from tests.fuzzing import examples
 from tests.unit.test_fuzz_intake import Msg
 
 NOW: Final = datetime(2030, 1, 1, tzinfo=UTC)
@@ -73,3 +77,58 @@ def test_the_reply_record_carries_the_requested_partition() -> None:
         now=NOW,
     )
     assert (record.topic, record.partition) == ("replies", 2)
+
+
+@settings(deadline=None, max_examples=examples(200))
+@given(
+    routes=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.sampled_from(["replies", "mine", "gone"])),
+            st.one_of(st.none(), st.integers(0, 6)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    partitions=st.dictionaries(st.sampled_from(["replies", "mine"]), st.integers(1, 5), min_size=1),
+)
+def test_every_route_is_kept_or_refused_with_a_reason(
+    routes: list[tuple[str | None, int | None]], partitions: dict[str, int]
+) -> None:
+    admitted = []
+    for topic, partition in routes:
+        fields: dict[str, Any] = {}
+        if topic is not None:
+            fields["reply_to"] = topic
+        if partition is not None:
+            fields["reply_partition"] = partition
+        admitted.append(_admitted(**fields))
+    checked = check_routes(admitted, partitions, "replies", NOW)
+    assert len(checked) == len(admitted)
+    for (topic, partition), (msg, item) in zip(routes, checked, strict=True):
+        target = topic or "replies"
+        ok = target in partitions and (partition is None or partition < partitions[target])
+        if ok:
+            assert isinstance(item, Envelope)
+            (record,) = outcome_records(
+                item,
+                msg,
+                Outcome(_REPLY, encode_reply(_REPLY)),
+                reply_topic="replies",
+                dlq_topic="requests.dlq",
+                now=NOW,
+            )
+            assert (record.topic, record.partition) == (target, partition)
+        else:
+            assert isinstance(item, Rejected)
+            assert item.fault.path == (
+                "reply_to" if target not in partitions else "reply_partition"
+            )
+            reply, letter = rejected_records(
+                item, reply_topic="replies", dlq_topic="requests.dlq", now=NOW
+            )
+            assert (reply.topic, reply.partition, letter.topic) == ("replies", None, "requests.dlq")
+
+
+_REPLY: Final = Reply(
+    request_id="r-1", type="delete", entity="item", id="k1", status="success", processed_at=NOW
+)
