@@ -11,7 +11,7 @@ import pytest
 
 from processor.client import Client
 from processor.contract import UpdateRequest
-from processor.errors import ConfigError, InvalidArgument
+from processor.errors import ConfigError, InvalidArgument, ReplyTimeout
 from tests.integration.harness import DEAD, REPLY, Scenario
 from tests.integration.test_client import until_answered
 
@@ -174,24 +174,52 @@ async def test_a_rebalance_of_the_clients_group_resends_what_moved_and_loses_not
         assert len(by_id[rid]) == 2, (rid, by_id[rid])
 
 
-async def test_a_group_with_more_clients_than_partitions_waits_then_fails_clearly(
+async def test_a_group_with_more_clients_than_partitions_leaves_one_waiting_clearly(
     scenario: Scenario,
 ) -> None:
+    """Five clients in a group on a 4-partition reply topic: one owns nothing. Which one is
+    the assignor's choice: the newcomer's start() fails naming the cause, or an older
+    member is left without partitions and its requests wait for one (a ReplyTimeout),
+    never sent to a partition nobody reads."""
     group = f"crowd-{scenario.run}"
     clients = [_client(scenario, reply_group=group) for _ in range(4)]
     for c in clients:
         await c.start()
+    extra = Client(
+        scenario.kafka,
+        request_topic=scenario.request_topic,
+        reply_topic=scenario.reply_topic,
+        timeout=5,
+        reply_group=group,
+    )
     try:
-        extra = Client(
-            scenario.kafka,
-            request_topic=scenario.request_topic,
-            reply_topic=scenario.reply_topic,
-            timeout=5,
-            reply_group=group,
-        )
-        with pytest.raises(ConfigError, match="assigned no partition"):
+        refused = ""
+        try:
             await extra.start()
-        assert sorted(p for c in clients for p in c.owned) == [0, 1, 2, 3]
+            clients.append(extra)
+        except ConfigError as exc:
+            refused = str(exc)
+        if refused:
+            assert "assigned no partition" in refused
+            assert "more instances than partitions" in refused
+        deadline = time.monotonic() + 60
+        while True:
+            owned = [c.owned for c in clients]
+            stable = sorted(p for o in owned for p in o) == [0, 1, 2, 3]
+            if stable and sum(1 for o in owned if o) == 4:
+                break
+            assert time.monotonic() < deadline, owned
+            await asyncio.sleep(0.1)
+        starved = [c for c in clients if not c.owned]
+        assert len(starved) == len(clients) - 4
+        for c in starved:
+            with pytest.raises(ReplyTimeout):
+                await c.send(
+                    UpdateRequest(request_id="w-1", entity="acct", id=1, attributes={"seq": 1}),
+                    timeout=2,
+                )
+            assert not c._sent  # it waited for a partition: nothing was sent
     finally:
         for c in clients:
             await c.close()
+        await extra.close()
