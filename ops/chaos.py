@@ -207,6 +207,21 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 # --- the private stack -----------------------------------------------------------------------
 
 
+async def topics_visible(access: kafka.KafkaAccess, topics: list[str], limit: float = 60) -> None:
+    """A topic created a moment ago may be missing from a loaded broker's metadata for a
+    while; the clients started next would take it for a missing topic."""
+    admin = kafka.admin_client(access)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + limit
+        while not set(topics) <= set(await admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise SetupError(f"topics {topics} not visible after {limit:.0f}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
 def free_ports(count: int) -> list[int]:
     """Ports free right now on 127.0.0.1 (held together, so they differ)."""
     socks = []
@@ -1187,6 +1202,10 @@ async def run(cfg: Config, stack: PrivateStack, netem: str | None) -> dict[str, 
     )
     say("creating the demo schema, the ledger and the topics")
     await install_demo(settings)
+    await topics_visible(
+        settings.kafka_access(),
+        [settings.request_topic, settings.reply_topic, settings.dlq_topic],
+    )
     history = ClientHistory()
     await prepare_rows(stack.database_url(), cfg, history)
     stale = await stale_versions(stack.database_url(), list(history.initial))

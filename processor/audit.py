@@ -59,6 +59,11 @@ resend (same request_id) is another record and gets its own reply.
   produced twice or a cycle breaks it. Links are followed by value, so two workers'
   batches whose processed_at clocks disagree still chain. A write made outside the
   processor (plain SQL) shows as a gap: the audit proves the processor was the only writer.
+  Judged only where the ledger sees the chain through the audited requests: the records
+  they wrote (other topics' records are not read), from each record's first write by an
+  audited request on (what came before, another topic's traffic or a reset by plain SQL,
+  is where the chain enters the range); other requests' writes in between link the chain,
+  and a break that involves none of the audited writes is counted as not judged.
 - ``out-of-order-application``: a record's writes, followed along its version chain (the
   order they were applied in), do not follow the request topic's offsets: a request of
   the record's own key was applied after a request that came later on the same partition
@@ -96,11 +101,19 @@ shows its latest batch as duplicates or missing).
 **Scale.** Topics are read in batches with per-partition end offsets; per request the audit
 keeps a few small fields and a 16-byte digest of each reply, not the bytes. Ledger rows are
 fetched by request_id in chunks inside one REPEATABLE READ READ ONLY snapshot, and two
-passes are streamed with server-side cursors: the rows citing the audited offsets, and
-every applied write (the whole ledger, whatever the source topic, when the request topic is
-audited from its beginning; the processed_at window of the audited rows otherwise), sorted
-by record in the database, so memory holds one record's history at a time. Progress goes
-to ``progress`` (stderr for the command) every 2 s.
+passes are streamed with server-side cursors: the rows citing the audited offsets, and the
+applied writes of the records the audited requests wrote, in the processed_at window of
+those requests, sorted by record in the database, so memory holds one record's history at
+a time. Progress goes to ``progress`` (stderr for the command) every 2 s.
+
+**A shared ledger.** Other request topics (or other deployments) may share the ledger
+schema: the audit judges its request topic's requests and the rows they wrote, counts the
+ledger rows of other topics, and says so (``AuditReport.coverage``: what was judged, what
+was not).
+
+**History.** ``entity`` (and ``record_id``) adds that record's ledger history; it is a
+query: ``AuditReport.history_ok`` (the command's exit status with ``--entity``) depends on
+the anomalies of its records and requests alone (``history_anomalies``).
 
 Entry point: ``await run_audit(settings, AuditOptions(...)) -> AuditReport``;
 ``report.ok`` is True when no anomaly was found.
@@ -161,6 +174,7 @@ __all__ = [
     "Write",
     "add_arguments",
     "check_chain",
+    "judge_chain",
     "ledger_row_problems",
     "parse_offsets",
     "read_reply",
@@ -285,6 +299,15 @@ class Anomaly:
         return out
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    """``1 reply``, ``2 replies``: a count with its noun."""
+    if count == 1:
+        return f"{count:,} {word}"
+    if plural is None:
+        plural = word[:-1] + "ies" if word.endswith("y") and word[-2:] != "ey" else word + "s"
+    return f"{count:,} {plural}"
+
+
 @dataclass(slots=True)
 class AuditReport:
     """What the audit read and found. ``ok``: no anomaly of any kind."""
@@ -297,10 +320,19 @@ class AuditReport:
     examples: dict[str, list[dict[str, Any]]]
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] | None = None
+    #: What the audit judged, and what it saw but could not or need not judge.
+    coverage: dict[str, list[str]] = field(default_factory=dict)
+    #: With a history (``--entity``): the anomalies that concern its records and requests.
+    history_anomalies: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not any(self.anomalies.values())
+
+    @property
+    def history_ok(self) -> bool:
+        """The history's records and requests have no anomaly (whatever is found elsewhere)."""
+        return not self.history_anomalies
 
     def count(self, kind: str) -> int:
         return self.anomalies.get(kind, 0)
@@ -313,6 +345,7 @@ class AuditReport:
         return {
             "ok": self.ok,
             "scope": self.scope,
+            "coverage": self.coverage,
             "counts": self.counts,
             "outcomes": self.outcomes,
             "fault_codes": self.fault_codes,
@@ -320,50 +353,39 @@ class AuditReport:
             "examples": self.examples,
             "notes": self.notes,
             "history": self.history,
+            "history_anomalies": self.history_anomalies,
         }
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self.to_dict()), indent=2)
 
     def render(self) -> str:
-        """The human summary."""
-        c, s = self.counts, self.scope
+        """The human summary (with a history: the history, and one line on the rest)."""
+        if self.history is not None:
+            return self._render_history()
+        s = self.scope
         total = sum(self.anomalies.values())
         lines = [
             "processor audit: "
-            + (
-                "OK, no anomalies"
-                if self.ok
-                else f"FAILED, {total} anomal{'y' if total == 1 else 'ies'}"
-            ),
+            + ("OK, no anomalies" if self.ok else f"FAILED, {_n(total, 'anomaly')}"),
             f"  requests      {s['request_topic']}: {s['range']}",
             f"  replies       {', '.join(s['reply_topics'])}",
             f"  dead letters  {s['dlq_topic']}    ledger {s['ledger']}",
-            f"  passes        group {s['group']}"
-            + (f" + replayed by {', '.join(s['replayed_groups'])}" if s["replayed_groups"] else "")
-            + (" (extra identical copies accepted)" if s["accept_republished"] else ""),
+            f"  expected      {self._expected()}",
             "",
-            f"request records  {c['request_records']}: {c['requests']} requests "
-            f"({c['request_ids']} request ids), {c['rejected']} rejected at intake "
-            f"({c['rejected_without_id']} without a request_id)",
-            f"replies          {c['replies']} for these requests, {c['republished']} of them "
-            f"republished copies; {c['replies_out_of_scope']} out of scope, "
-            f"{c['replies_unverifiable']} unverifiable, {c['replies_foreign']} foreign on "
-            "reply_to topics",
-            f"dead letters     {c['dead_letters']} for these records, "
-            f"{c['dead_letters_other']} for other records or topics",
-            f"ledger           {c['ledger_rows']} rows for these requests "
-            f"({c['ledger_applied']} applied)",
-            f"versions         {c['chain_records']} records, {c['chain_writes']} writes checked",
-            "",
-            "outcomes (per request record):",
+            "judged:",
         ]
+        lines += [f"  - {line}" for line in self.coverage.get("judged", [])]
+        not_judged = self.coverage.get("not_judged", [])
+        lines.append("not judged:" + ("" if not_judged else " nothing"))
+        lines += [f"  - {line}" for line in not_judged]
+        lines += ["", "outcomes (per request record):"]
         width = max((len(k) for k in self.outcomes), default=0)
-        lines += [f"  {k.ljust(width)}  {n}" for k, n in sorted(self.outcomes.items())]
+        lines += [f"  {k.ljust(width)}  {n:,}" for k, n in sorted(self.outcomes.items())]
         if self.fault_codes:
             lines.append("fault codes:")
             lines += [
-                f"  {code:>12}  {v['name']:<32} {v['count']}"
+                f"  {code:>12}  {v['name']:<32} {v['count']:,}"
                 for code, v in sorted(self.fault_codes.items())
             ]
         lines.append("")
@@ -372,33 +394,72 @@ class AuditReport:
             n = self.anomalies.get(kind, 0)
             if not n:
                 continue
-            lines.append(f"  {kind}: {n}")
-            for example in self.examples.get(kind, []):
-                rid = example.get("request_id")
-                head = f"request {rid}: " if rid is not None else ""
-                if "entity" in example:
-                    head += f"{example['entity']} {example['id']}: "
-                where = f" [{', '.join(example['where'])}]" if example.get("where") else ""
-                lines.append(f"    - {head}{example['detail']}{where}")
+            lines.append(f"  {kind}: {n:,}")
+            lines += [f"    - {_example(e)}" for e in self.examples.get(kind, [])]
             if n > len(self.examples.get(kind, [])):
-                lines.append(f"    ... {n - len(self.examples.get(kind, []))} more")
+                lines.append(f"    ... {n - len(self.examples.get(kind, [])):,} more")
         for note in self.notes:
             lines.append(f"note: {note}")
-        if self.history is not None:
-            lines.append("")
-            lines.append("history:" + ("" if self.history else " no entries"))
-            for record in self.history:
-                lines.append(f"  {record['entity']} {record['id']}: chain {record['chain']}")
-                for e in record["entries"]:
-                    version = ""
-                    if e.get("prior") is not None or e.get("new") is not None:
-                        version = f" {e.get('prior')} -> {e.get('new')}"
-                    replies = f", {e['replies']} replies" if e.get("replies") is not None else ""
-                    lines.append(
-                        f"    {e.get('at') or '-':32} {e['request_id']} {e.get('type')} "
-                        f"{e['outcome']}{version} (source {e.get('source') or '-'}{replies})"
-                    )
         return "\n".join(lines)
+
+    def _expected(self) -> str:
+        s = self.scope
+        text = f"1 reply per request record (its processing by consumer group {s['group']})"
+        if s["replayed_groups"]:
+            text += (
+                f", + 1 per replay by {', '.join(s['replayed_groups'])} that has passed the "
+                "record (a republished copy)"
+            )
+        if s["accept_republished"]:
+            text += "; extra copies identical to another copy are accepted as republished"
+        return text
+
+    def _render_history(self) -> str:
+        assert self.history is not None
+        found = self.history_anomalies
+        entries = sum(len(r["entries"]) for r in self.history)
+        lines = [
+            "processor audit: history: "
+            + (f"{_n(len(found), 'anomaly')} in it" if found else "no anomaly in it")
+            + f", {_n(len(self.history), 'record')}, {_n(entries, 'entry')}"
+        ]
+        for record in self.history:
+            lines.append(f"  {record['entity']} {record['id']}: version chain {record['chain']}")
+            for e in record["entries"]:
+                version = ""
+                if e.get("prior") is not None or e.get("new") is not None:
+                    new = e.get("new")
+                    version = f" {e.get('prior')} -> {'deleted' if new is None else new}"
+                replies = e.get("replies")
+                told = "" if replies is None else f", {_n(replies, 'reply', 'replies')}"
+                lines.append(
+                    f"    {e.get('at') or '-':32} {e['request_id']} {e.get('type')} "
+                    f"{e['outcome']}{version} (source {e.get('source') or '-'}{told})"
+                )
+        if found:
+            lines.append("anomalies in this history:")
+            lines += [f"  - {a['kind']}: {_example(a)}" for a in found]
+        total = sum(self.anomalies.values())
+        elsewhere = total - len(found)
+        lines.append(
+            f"the audit of {self.scope['request_topic']} ({self.scope['range']}): "
+            + (
+                f"{_n(elsewhere, 'anomaly')} outside this history (they do not change this "
+                "command's exit status; run processor audit without --entity to see them)"
+                if elsewhere > 0
+                else "no other anomaly"
+            )
+        )
+        return "\n".join(lines)
+
+
+def _example(example: Mapping[str, Any]) -> str:
+    rid = example.get("request_id")
+    head = f"request {rid}: " if rid is not None else ""
+    if "entity" in example:
+        head += f"{example['entity']} {example['id']}: "
+    where = f" [{', '.join(example['where'])}]" if example.get("where") else ""
+    return f"{head}{example['detail']}{where}"
 
 
 # -- what the audit keeps of each record --------------------------------------------------
@@ -484,6 +545,8 @@ class ReplyCopy:
     def summary(self) -> str:
         if self.status == "fault":
             return f"fault {_fault_name(self.fault_code)}"
+        if self.row_version is None:  # a delete (or a reply without a version)
+            return f"{self.status} {self.type}"
         return f"{self.status} {self.type} version {self.row_version}"
 
 
@@ -533,6 +596,9 @@ class Write:
     origin: tuple[str, int, int] | None = None
     #: The write is of the request's own record (``writes[0]``), not of a related row.
     own: bool = True
+    #: The request is one the audit was asked about (its source is in the audited range);
+    #: the others' writes only link chains.
+    audited: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,17 +684,35 @@ def ledger_row_problems(row: LedgerEntry) -> list[str]:
     return problems
 
 
-def _chain_problem(life: Sequence[Write]) -> tuple[str, str] | None:
-    """Why one incarnation's writes are not a single prior -> new path: (request_id, why)."""
+def _version(v: str | None) -> str:
+    return "deleted" if v is None else v
+
+
+def _written(row: LedgerEntry) -> list[tuple[str, str]]:
+    """The records a consistent applied ledger row wrote (its own first)."""
+    writes = msgspec.json.decode(row.writes) if row.writes else []
+    return [(str(w["entity"]), str(w["id"])) for w in writes]
+
+
+def _chain_problems(life: Sequence[Write]) -> list[tuple[tuple[Write, ...], str]]:
+    """Why one incarnation's writes are not a single prior -> new path.
+
+    Each problem names the writes involved (the guilty one first) and why; the details
+    never repeat the guilty request's id, which the report prints in front of them.
+    """
+    problems: list[tuple[tuple[Write, ...], str]] = []
     by_prior: dict[str | None, Write] = {}
     for w in life:
         other = by_prior.get(w.prior)
         if other is not None:
-            return (
-                w.request_id,
-                f"fork: requests {other.request_id} and {w.request_id} both wrote over "
-                f"version {w.prior} (a lost update)",
+            problems.append(
+                (
+                    (w, other),
+                    f"fork: this request and request {other.request_id} both wrote over "
+                    f"version {w.prior} (a lost update)",
+                )
             )
+            continue
         by_prior[w.prior] = w
     produced: dict[str, Write] = {}
     for w in life:
@@ -636,28 +720,31 @@ def _chain_problem(life: Sequence[Write]) -> tuple[str, str] | None:
             continue
         other = produced.get(w.new)
         if other is not None:
-            return (
-                w.request_id,
-                f"version {w.new} produced twice, by {other.request_id} and {w.request_id}",
+            problems.append(
+                ((w, other), f"version {w.new} produced twice, also by request {other.request_id}")
             )
+            continue
         produced[w.new] = w
     starts = [w for w in life if w.prior is None or w.prior not in produced]
-    if len(starts) > 1:
-        start_ids = {id(w) for w in starts}
-        previous: Write | None = None
-        for w in life:
-            if id(w) in start_ids and previous is not None:
-                return (
-                    w.request_id,
-                    f"gap: request {w.request_id} wrote over version {w.prior}, which no "
-                    f"write produced (the write before it, by {previous.request_id}, left "
-                    f"{previous.new})",
-                )
-            previous = w
-        second = starts[1]
-        return (second.request_id, f"gap: {len(starts)} separate chains")
     if not starts:
-        return (life[0].request_id, "the versions form a cycle")
+        return [*problems, (tuple(life), "the versions form a cycle")]
+    # The first start (in processed_at order) is where the incarnation begins; every other
+    # start is a gap.
+    previous: Write | None = None
+    start_ids = {id(w) for w in starts[1:]}
+    for w in life:
+        if id(w) in start_ids and previous is not None:
+            problems.append(
+                (
+                    (w,),
+                    f"gap: wrote over version {w.prior}, which no write produced (the write "
+                    f"before it, by request {previous.request_id}, left "
+                    f"{_version(previous.new)})",
+                )
+            )
+        previous = w
+    if problems or len(starts) > 1:
+        return problems
     seen, current = 0, starts[0]
     while True:
         seen += 1
@@ -668,15 +755,16 @@ def _chain_problem(life: Sequence[Write]) -> tuple[str, str] | None:
             break
         current = follower
     if seen != len(life):
-        return (life[0].request_id, "the versions form a cycle")
-    return None
+        return [(tuple(life), "the versions form a cycle")]
+    return []
 
 
 def _order_problem(life: Sequence[Write]) -> tuple[str, str] | None:
     """Why a linked incarnation was applied against its requests' offset order, if it was.
 
     Walks the chain from its start (the order of application) and, per source topic and
-    partition, checks that the record's own writes come from increasing offsets.
+    partition, checks that the record's own writes come from increasing offsets. Only a
+    pair with an audited write is judged.
     """
     produced = {w.new for w in life if w.new is not None}
     by_prior = {w.prior: w for w in life}
@@ -690,60 +778,96 @@ def _order_problem(life: Sequence[Write]) -> tuple[str, str] | None:
         origin = current.origin
         if current.own and origin is not None:
             before = last.get(origin[:2])
-            if before is not None and before.origin is not None and before.origin[2] > origin[2]:
+            if (
+                before is not None
+                and before.origin is not None
+                and before.origin[2] > origin[2]
+                and (current.audited or before.audited)
+            ):
                 topic, partition, offset = origin
                 return (
                     current.request_id,
-                    f"request {current.request_id} ({_loc(topic, partition, offset)}) was "
-                    f"applied after request {before.request_id} "
-                    f"({_loc(topic, partition, before.origin[2])}), which came later: "
-                    f"version {current.prior} -> {current.new} follows {before.prior} -> "
-                    f"{before.new}",
+                    f"applied after request {before.request_id}, which came later: "
+                    f"{_loc(topic, partition, offset)} before "
+                    f"{_loc(topic, partition, before.origin[2])}; version {current.prior} -> "
+                    f"{_version(current.new)} follows {before.prior} -> "
+                    f"{_version(before.new)}",
                 )
             last[origin[:2]] = current
         current = by_prior.get(current.new) if current.new is not None else None
     return None
 
 
-def _life_anomalies(entity: str, record_id: str, life: Sequence[Write]) -> list[Anomaly]:
-    found = _chain_problem(life)
-    if found:
-        return [Anomaly(BROKEN_VERSION_CHAIN, found[1], found[0], entity, record_id)]
+def _judge_life(entity: str, record_id: str, life: Sequence[Write]) -> tuple[list[Anomaly], int]:
+    """One incarnation: its anomalies, and how many breaks involve no audited write (those
+    are another request topic's business, not judged here)."""
+    problems = _chain_problems(life)
+    judged = [(ws, why) for ws, why in problems if any(w.audited for w in ws)]
+    if judged:
+        involved, why = judged[0]
+        culprit = next(w for w in involved if w.audited)
+        if culprit is not involved[0]:
+            why = f"{why} (with request {involved[0].request_id}, of another source)"
+        anomaly = Anomaly(BROKEN_VERSION_CHAIN, why, culprit.request_id, entity, record_id)
+        return [anomaly], len(problems) - len(judged)
+    if problems:
+        return [], len(problems)
     order = _order_problem(life)
     if order:
-        return [Anomaly(OUT_OF_ORDER_APPLICATION, order[1], order[0], entity, record_id)]
-    return []
+        return [Anomaly(OUT_OF_ORDER_APPLICATION, order[1], order[0], entity, record_id)], 0
+    return [], 0
 
 
-def check_chain(entity: str, record_id: str, writes: Sequence[Write]) -> list[Anomaly]:
+def judge_chain(entity: str, record_id: str, writes: Sequence[Write]) -> tuple[list[Anomaly], int]:
     """One record's writes, in processed_at order: one chain per incarnation, each once,
-    applied in the offset order of the record's requests."""
+    applied in the offset order of the record's requests.
+
+    Only what involves an *audited* write (``Write.audited``) is judged: the writes before
+    the record's first audited write are dropped (its chain starts there, whatever came
+    before: another request topic's traffic, a reset by plain SQL), and a break between
+    writes of other requests is counted, not reported. Returns the anomalies and that count.
+    """
+    first = next((i for i, w in enumerate(writes) if w.audited), None)
+    if first is None:
+        return [], 0
     anomalies: list[Anomaly] = []
     seen: set[str] = set()
     unique: list[Write] = []
-    for w in writes:
+    for w in writes[first:]:
         if w.request_id in seen:
-            anomalies.append(
-                Anomaly(
-                    DOUBLE_APPLICATION,
-                    f"the request wrote this record twice (again {w.prior} -> {w.new})",
-                    w.request_id,
-                    entity,
-                    record_id,
+            if w.audited:
+                anomalies.append(
+                    Anomaly(
+                        DOUBLE_APPLICATION,
+                        f"the request wrote this record twice (again {w.prior} -> "
+                        f"{_version(w.new)})",
+                        w.request_id,
+                        entity,
+                        record_id,
+                    )
                 )
-            )
             continue
         seen.add(w.request_id)
         unique.append(w)
+    not_judged = 0
     life: list[Write] = []
     for w in unique:
         life.append(w)
         if w.new is None:
-            anomalies.extend(_life_anomalies(entity, record_id, life))
+            found, skipped = _judge_life(entity, record_id, life)
+            anomalies.extend(found)
+            not_judged += skipped
             life = []
     if life:
-        anomalies.extend(_life_anomalies(entity, record_id, life))
-    return anomalies
+        found, skipped = _judge_life(entity, record_id, life)
+        anomalies.extend(found)
+        not_judged += skipped
+    return anomalies, not_judged
+
+
+def check_chain(entity: str, record_id: str, writes: Sequence[Write]) -> list[Anomaly]:
+    """The anomalies of :func:`judge_chain`."""
+    return judge_chain(entity, record_id, writes)[0]
 
 
 class Auditor:
@@ -785,6 +909,12 @@ class Auditor:
         self.first_timestamp: int | None = None
         self.history_records: list[RequestRecord] = []
         self.broken_records: set[tuple[str, str]] = set()
+        #: The records the audited requests wrote: the only version chains judged.
+        self.written: set[tuple[str, str]] = set()
+        #: With a history filter: the request_ids that touch its records, and the anomalies
+        #: that concern them (a history is judged on these alone).
+        self.history_ids: set[str] = set()
+        self.history_anomalies: list[Anomaly] = []
         self._copy_ratios: Counter[int] = Counter()  # replies per record, -1: not a multiple
 
     # -- feeding ---------------------------------------------------------------------------
@@ -796,6 +926,19 @@ class Auditor:
             examples.append(anomaly)
         if anomaly.kind == BROKEN_VERSION_CHAIN and anomaly.entity is not None:
             self.broken_records.add((anomaly.entity, str(anomaly.record_id)))
+        if self._concerns_history(anomaly):
+            self.history_anomalies.append(anomaly)
+
+    def _wanted(self, entity: str | None, record_id: str | None) -> bool:
+        wanted = self.history_filter
+        return wanted is not None and entity == wanted[0] and wanted[1] in (None, record_id)
+
+    def _concerns_history(self, anomaly: Anomaly) -> bool:
+        if self.history_filter is None:
+            return False
+        if anomaly.entity is not None:
+            return self._wanted(anomaly.entity, anomaly.record_id)
+        return anomaly.request_id is not None and anomaly.request_id in self.history_ids
 
     def in_scope(self, topic: str | None, partition: int | None, offset: int | None) -> bool:
         if topic != self.request_topic or partition is None or offset is None:
@@ -808,9 +951,10 @@ class Auditor:
         self.counts["requests" if rec.admitted else "rejected"] += 1
         if self.first_timestamp is None or rec.timestamp < self.first_timestamp:
             self.first_timestamp = rec.timestamp
-        wanted = self.history_filter
-        if wanted and rec.entity == wanted[0] and wanted[1] in (None, rec.record_id):
+        if self._wanted(rec.entity, rec.record_id):
             self.history_records.append(rec)
+            if rec.request_id is not None:
+                self.history_ids.add(rec.request_id)
         else:
             rec.entity = rec.record_id = None  # keep memory small
         self.by_source[(rec.partition, rec.offset)] = rec
@@ -879,6 +1023,11 @@ class Auditor:
         if row.request_id in self.by_id:
             self.counts["ledger_rows"] += 1
             self.counts["ledger_applied"] += int(row.applied)
+        written = _written(row) if row.applied and not problems else []
+        if source is not None and self.in_scope(*source):
+            self.written.update(written)
+        if self._wanted(row.entity, row.record_id) or any(self._wanted(*k) for k in written):
+            self.history_ids.add(row.request_id)
         for problem in problems:
             self.report(
                 Anomaly(LEDGER_MISMATCH, f"ledger row inconsistent: {problem}", row.request_id)
@@ -909,16 +1058,22 @@ class Auditor:
             self.report(Anomaly(LEDGER_MISMATCH, f"ledger row: {problem}", request_id, where=where))
 
     def chain_window(self) -> tuple[datetime, datetime] | None:
-        """processed_at range of the audited applied rows (a partial audit's chain window)."""
+        """processed_at range of the audited applied rows: where their chains lie."""
         times = [
-            f.processed_at for rid, f in self.ledger.items() if f.applied and rid in self.by_id
+            f.processed_at
+            for f in self.ledger.values()
+            if f.applied and f.source is not None and self.in_scope(*f.source)
         ]
         return (min(times), max(times)) if times else None
 
     def add_chain(self, entity: str, record_id: str, writes: Sequence[Write]) -> None:
+        """One record's writes in the chain window (``Write.audited`` set by the caller)."""
+        anomalies, not_judged = judge_chain(entity, record_id, writes)
         self.counts["chain_records"] += 1
-        self.counts["chain_writes"] += len(writes)
-        for anomaly in check_chain(entity, record_id, writes):
+        self.counts["chain_writes"] += sum(1 for w in writes if w.audited)
+        self.counts["chain_writes_other"] += sum(1 for w in writes if not w.audited)
+        self.counts["chain_breaks_not_judged"] += not_judged
+        for anomaly in anomalies:
             self.report(anomaly)
 
     # -- judging ---------------------------------------------------------------------------
@@ -1012,13 +1167,14 @@ class Auditor:
         if mismatched:
             if ledger is None:
                 detail = (
-                    f"{len(mismatched)} replies ({mismatched[0].summary}) with a ledgered "
-                    "outcome but no ledger row"
+                    f"{_n(len(mismatched), 'reply', 'replies')} ({mismatched[0].summary}) "
+                    "with a ledgered outcome but no ledger row"
                 )
             else:
                 detail = (
-                    f"{len(mismatched)} of {len(copies)} replies are not the ledger's reply "
-                    f"bytes (ledger: {ledger.summary}; reply: {mismatched[0].summary})"
+                    f"{len(mismatched)} of {_n(len(copies), 'reply', 'replies')} not the "
+                    f"ledger's reply bytes (ledger: {ledger.summary}; "
+                    f"reply: {mismatched[0].summary})"
                 )
             self.report(
                 Anomaly(LEDGER_MISMATCH, detail, rid, where=tuple(c.where for c in mismatched))
@@ -1054,7 +1210,8 @@ class Auditor:
                 self.report(
                     Anomaly(
                         DUPLICATE_REPLY,
-                        f"{len(copies)} replies for {len(recs)} record(s), {expected} expected"
+                        f"{_n(len(copies), 'reply', 'replies')} for {_n(len(recs), 'record')}, "
+                        f"{expected} expected"
                         + (
                             ""
                             if self.complete
@@ -1124,7 +1281,7 @@ class Auditor:
             self.report(
                 Anomaly(
                     SPURIOUS_DEAD_LETTER,
-                    f"{have} dead letter(s) for a record whose outcome needs none",
+                    f"{_n(have, 'dead letter')} for a record whose outcome needs none",
                     rec.request_id,
                     where=where,
                 )
@@ -1151,7 +1308,7 @@ class Auditor:
             self.report(
                 Anomaly(
                     REPLY_WITHOUT_REQUEST,
-                    f"{len(copies)} replies; no request with this id on "
+                    f"{_n(len(copies), 'reply', 'replies')}; no request with this id on "
                     f"{self.request_topic} and no ledger row",
                     rid,
                     where=where,
@@ -1180,6 +1337,10 @@ class Auditor:
                 "ledger_applied",
                 "chain_records",
                 "chain_writes",
+                "chain_writes_other",
+                "chain_breaks_not_judged",
+                "ledger_rows_other_topics",
+                "other_topics",
             )
         }
         return AuditReport(
@@ -1197,6 +1358,7 @@ class Auditor:
                 if self.examples.get(kind)
             },
             notes=list(self.notes),
+            history_anomalies=[a.to_dict() for a in self.history_anomalies],
         )
 
 
@@ -1319,7 +1481,6 @@ async def _audit_ledger(
     auditor: Auditor,
     options: AuditOptions,
     progress: _Progress,
-    complete_window: bool,
 ) -> list[dict[str, Any]] | None:
     ids = auditor.ledger_ids()
     done = 0
@@ -1355,8 +1516,21 @@ async def _audit_ledger(
         progress.update("ledger sources", done)
     progress.done("ledger sources", done)
 
-    window = None if complete_window else auditor.chain_window()
-    if complete_window or window is not None:
+    # Rows of other request topics (or other deployments) sharing the ledger: not judged.
+    other = await conn.fetchrow(
+        f"SELECT count(*) AS n, count(DISTINCT source_topic) AS topics FROM {table} "  # noqa: S608
+        "WHERE source_topic IS DISTINCT FROM $1",
+        auditor.request_topic,
+    )
+    assert other is not None  # an aggregate always has its row
+    auditor.counts["ledger_rows_other_topics"] = int(other["n"])
+    auditor.counts["other_topics"] = int(other["topics"])
+
+    # The chains of the records the audited requests wrote, over the processed_at window of
+    # their writes; other requests' writes in it (another topic sharing the records) link.
+    window = auditor.chain_window()
+    records = sorted(auditor.written)
+    if window is not None and records:
         chain_sql = (
             "SELECT w.value->>'entity' AS entity, w.value->>'id' AS id, "  # noqa: S608
             "w.value->>'prior' AS prior, w.value->>'new' AS new, l.request_id, "
@@ -1366,15 +1540,21 @@ async def _audit_ledger(
             "CASE WHEN jsonb_typeof(l.writes) = 'array' THEN l.writes ELSE '[]'::jsonb END"
             ") WITH ORDINALITY AS w(value, i) "
             "WHERE l.applied AND jsonb_typeof(w.value) = 'object' "
-            "AND ($1::timestamptz IS NULL OR l.processed_at >= $1) "
-            "AND ($2::timestamptz IS NULL OR l.processed_at <= $2) "
+            "AND l.processed_at >= $1 AND l.processed_at <= $2 "
+            "AND (w.value->>'entity', w.value->>'id') IN "
+            "(SELECT * FROM unnest($3::text[], $4::text[])) "
             "ORDER BY 1, 2, l.processed_at, l.source_partition, l.source_offset, l.request_id"
         )
         key: tuple[str, str] | None = None
         writes: list[Write] = []
         done = 0
         async for row in conn.cursor(
-            chain_sql, window[0] if window else None, window[1] if window else None, prefetch=5000
+            chain_sql,
+            window[0],
+            window[1],
+            [e for e, _ in records],
+            [i for _, i in records],
+            prefetch=5000,
         ):
             this = (str(row["entity"]), str(row["id"]))
             if this != key:
@@ -1399,6 +1579,7 @@ async def _audit_ledger(
                     source,
                     origin,
                     bool(row["own"]),
+                    audited=origin is not None and auditor.in_scope(*origin),
                 )
             )
             done += 1
@@ -1481,7 +1662,11 @@ async def _history(
         {
             "entity": e,
             "id": i,
-            "chain": "broken" if (e, i) in auditor.broken_records else "ok",
+            "chain": "broken"
+            if (e, i) in auditor.broken_records
+            else "ok"
+            if (e, i) in auditor.written
+            else "not judged",
             "entries": entries,
         }
         for (e, i), entries in sorted(records.items())
@@ -1532,9 +1717,7 @@ async def run_audit(
             await asyncio.wait_for(meta.stop(), kafka.CALL_TIMEOUT)
             await admin.close()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            history = await _audit_ledger(
-                conn, ledger.table, auditor, options, shown, complete_window=scope["full"]
-            )
+            history = await _audit_ledger(conn, ledger.table, auditor, options, shown)
     except (OSError, asyncpg.PostgresError) as exc:
         raise ProcessorError(f"the database failed during the audit: {exc}") from exc
     finally:
@@ -1543,7 +1726,77 @@ async def run_audit(
     scope["ledger"] = ledger.table
     report = auditor.build_report(scope)
     report.history = history
+    report.coverage = _coverage(report)
     return report
+
+
+def _coverage(report: AuditReport) -> dict[str, list[str]]:
+    """What the audit judged and what it did not, in words (the report's first lines)."""
+    c, s = report.counts, report.scope
+    rejected = f"{c['rejected']:,} rejected at intake"
+    if c["rejected_without_id"]:
+        rejected += f" ({c['rejected_without_id']:,} without a request_id)"
+    judged = [
+        f"{_n(c['request_records'], 'request record')} of {s['request_topic']} "
+        f"({s['range']}): {_n(c['requests'], 'request')} "
+        f"({_n(c['request_ids'], 'distinct request_id')}), {rejected}",
+        f"{_n(c['replies'], 'reply', 'replies')} to them ({c['republished']:,} republished "
+        "copies): the expected number, each equal to its ledger row",
+        f"{_n(c['dead_letters'], 'dead letter')} for them: one for each bad input",
+        f"{_n(c['ledger_rows'], 'ledger row')} of these requests ({c['ledger_applied']:,} "
+        "applied), and every row citing these offsets",
+    ]
+    if c["chain_records"]:
+        linking = (
+            f"; {_n(c['chain_writes_other'], 'write')} of other requests in between link them"
+            if c["chain_writes_other"]
+            else ""
+        )
+        judged.append(
+            f"the version chains of the {_n(c['chain_records'], 'record')} these requests "
+            f"wrote, from each one's first write by them on ({_n(c['chain_writes'], 'write')}"
+            f" of theirs{linking})"
+        )
+    not_judged = []
+    if c["ledger_rows_other_topics"]:
+        whose = (
+            f"of {_n(c['other_topics'], 'other request topic')}"
+            if c["other_topics"]
+            else "without a source topic"
+        )
+        not_judged.append(
+            f"{_n(c['ledger_rows_other_topics'], 'ledger row')} {whose} sharing {s['ledger']}: "
+            "their requests, replies and version chains (audit each with its own "
+            "PROCESSOR_REQUEST_TOPIC)"
+        )
+    if c["chain_records"]:
+        not_judged.append(
+            "the writes before each record's first write by these requests (other topics' "
+            "traffic, a reset by plain SQL, or an earlier range)"
+        )
+    if c["chain_breaks_not_judged"]:
+        not_judged.append(
+            f"{_n(c['chain_breaks_not_judged'], 'break')} in those chains between writes of "
+            "other requests only"
+        )
+    if c["replies_out_of_scope"]:
+        not_judged.append(
+            f"{_n(c['replies_out_of_scope'], 'reply', 'replies')} to requests outside the range"
+        )
+    if c["replies_unverifiable"]:
+        not_judged.append(
+            f"{_n(c['replies_unverifiable'], 'reply', 'replies')} that cannot be placed "
+            "(no ledger row, and the range is partial)"
+        )
+    if c["replies_foreign"]:
+        not_judged.append(
+            f"{_n(c['replies_foreign'], 'reply', 'replies')} on reply_to topics to other requests"
+        )
+    if c["dead_letters_other"]:
+        not_judged.append(
+            f"{_n(c['dead_letters_other'], 'dead letter')} of other records or topics"
+        )
+    return {"judged": judged, "not_judged": not_judged}
 
 
 async def _read_topics(
@@ -1717,6 +1970,24 @@ async def _read_topics(
             "ledger row cannot be placed and are counted as unverifiable"
         )
 
+    # How far each replay group got: what `kafka-consumer-groups --describe` would say,
+    # so that an operator knows whether the replay has caught up before trusting the audit.
+    replay_lag: dict[str, int] = {}
+    for group in dict.fromkeys(options.replayed_groups):
+        if group == settings.group_id or not groups.get(group):
+            continue
+        committed = groups[group]
+        behind = sum(max(0, req_end[p] - committed.get(p, req_start[p])) for p in req_parts)
+        replay_lag[group] = behind
+        auditor.notes.append(
+            f"replay group {group} has caught up (its committed offsets are at the end of "
+            f"{settings.request_topic})"
+            if behind == 0
+            else f"replay group {group} is {_n(behind, 'record')} behind the end of "
+            f"{settings.request_topic}: if it is still running, audit again once it has caught "
+            "up (records past its committed offsets expect no republished copy)"
+        )
+
     original, replays = (
         groups[settings.group_id],
         [groups[g] for g in dict.fromkeys(options.replayed_groups) if g != settings.group_id],
@@ -1761,6 +2032,7 @@ async def _read_topics(
         "dlq_topic": settings.dlq_topic,
         "group": settings.group_id,
         "replayed_groups": list(options.replayed_groups),
+        "replay_lag": replay_lag,
         "accept_republished": options.accept_republished,
     }
     return auditor, scope, passes, consumed
@@ -1881,4 +2153,7 @@ async def run_from_args(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.write(report.to_json().decode() + "\n")
     else:
         print(report.render())
+    if options.entity is not None:
+        # A history is a query: only anomalies of its records and requests fail it.
+        return 0 if report.history_ok else EXIT_ANOMALIES
     return 0 if report.ok else EXIT_ANOMALIES

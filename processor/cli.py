@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="demo table + registry, a worker, a mix of requests, replies")
     prune = sub.add_parser("prune-ledger", help="delete ledger entries past the retention")
     prune.add_argument("--older-than-days", type=int, default=None)
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
     grants = sub.add_parser(
         "grants",
         help="print (--apply: execute, as the owner) the GRANTs of a least-privilege role",
@@ -121,7 +124,7 @@ async def _topics(settings: Settings) -> int:
     return 0
 
 
-async def _prune(settings: Settings, days: int | None) -> int:
+async def _prune(settings: Settings, days: int | None, dry_run: bool = False) -> int:
     from processor.db import connect
     from processor.ledger import Ledger
 
@@ -130,7 +133,12 @@ async def _prune(settings: Settings, days: int | None) -> int:
         raise ConfigError("--older-than-days must be > 0")
     conn = await connect(settings, timeouts=True)
     try:
-        deleted = await Ledger(settings.ledger_schema).prune(conn, timedelta(days=keep))
+        ledger = Ledger(settings.ledger_schema)
+        if dry_run:
+            found = await ledger.prunable(conn, timedelta(days=keep))
+            print(f"dry run: would delete {found} ledger entries older than {keep} days")
+            return 0
+        deleted = await ledger.prune(conn, timedelta(days=keep))
     finally:
         await conn.close()
     print(f"deleted {deleted} ledger entries older than {keep} days")
@@ -262,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, flags)
         from processor.log import configure_logging
 
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         command = args.command
         if command == "schemas":
             import processor.schemas as schemas
@@ -272,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": lambda: _run(settings),
             "migrate": lambda: _migrate(settings),
             "topics": lambda: _topics(settings),
-            "prune-ledger": lambda: _prune(settings, args.older_than_days),
+            "prune-ledger": lambda: _prune(settings, args.older_than_days, args.dry_run),
             "demo": lambda: _demo(settings),
             "send": lambda: _send(settings, args.request, args.timeout, args.traceparent),
             "loadtest": lambda: _loadtest(settings, args),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +46,7 @@ __all__ = [
     "Batch",
     "CommitPipeline",
     "KafkaTransactions",
+    "TransactionTimedOut",
     "Transactions",
     "WorkerIdInUse",
 ]
@@ -67,6 +68,12 @@ class WorkerIdInUse(ConfigError):
     """Another live worker uses this worker's transactional id."""
 
 
+class TransactionTimedOut(Exception):
+    """The broker aborted this transaction: it stayed open past transaction.timeout.ms
+    (the worker was paused, or the broker slow), and bumped the producer's epoch, which
+    old clients see as being fenced. Not another worker: the producer is replaced."""
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """What one transaction commits: records, and per partition the range they answer."""
@@ -76,6 +83,14 @@ class Batch:
     next: Mapping[TopicPartition, int]  # the offset to commit: last + 1
     group: kip447.GroupMetadata  # the membership the records were fetched under
     timestamps: Sequence[int] = field(default_factory=list)  # of the requests, ms
+
+
+class _MovedOn(Exception):
+    """Another worker committed past the batch: leave it."""
+
+
+#: Reads the group's committed offsets (stable) of some partitions: the worker's consumer.
+Committed = Callable[[Sequence[TopicPartition]], Awaitable[Mapping[TopicPartition, int | None]]]
 
 
 class Transactions(Protocol):
@@ -185,11 +200,13 @@ class CommitPipeline:
         transactions: Transactions,
         metrics: Metrics,
         *,
+        committed: Committed,
         stop: asyncio.Event,
         retry_seconds: float = COMMIT_RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transactions = transactions
+        self._committed = committed
         self._metrics = metrics
         self._clock = clock
         self._retry = Retry(_transient, retry_seconds, stop=stop, clock=clock)
@@ -201,11 +218,19 @@ class CommitPipeline:
         Raises :class:`WorkerIdInUse` when this worker keeps being fenced.
         """
         started = self._clock()
+        attempts = 0
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and await self._landed(batch):
+                return
+            await self.transactions.commit(batch.records, batch.next, batch.group)
+
         try:
-            await self._retry.run(
-                lambda: self.transactions.commit(batch.records, batch.next, batch.group),
-                before_retry=self._before_retry,
-            )
+            await self._retry.run(attempt, before_retry=self._before_retry)
+        except _MovedOn:
+            return False
         except kip447.GroupFenced as exc:
             self._metrics.fenced.labels("generation").inc()
             log.warning(
@@ -217,6 +242,15 @@ class CommitPipeline:
             return False
         except ProducerFenced:
             await self._producer_fenced()
+            return False
+        except TransactionTimedOut as exc:
+            self._metrics.fenced.labels("timeout").inc()
+            log.warning(
+                "transaction aborted by the broker: it outlived transaction.timeout.ms",
+                error=str(exc),
+                partitions=_names(batch.first),
+            )
+            await self._reset()
             return False
         except GaveUp as exc:
             log.warning(
@@ -230,6 +264,28 @@ class CommitPipeline:
             self._metrics.phase.labels("kafka").observe(self._clock() - started)
         self._metrics.transactions.inc()
         return True
+
+    async def _landed(self, batch: Batch) -> bool:
+        """Whether a failed attempt committed after all (:class:`_MovedOn` if another
+        worker has committed past the batch meanwhile).
+
+        A commit that failed on a timeout or a broken connection may have reached the
+        broker's decision before it failed: the EndTxn was written, the answer lost. Sent
+        again, its replies would be published twice. The committed offsets, read stable
+        (the broker resolves that transaction first), say which it was.
+        """
+        offsets = await self._committed(list(batch.next))
+        if all(offsets.get(tp) == end for tp, end in batch.next.items()):
+            log.info("a failed commit had landed after all", partitions=_names(batch.first))
+            return True
+        if all(_at_or_before(offsets.get(tp), first) for tp, first in batch.first.items()):
+            return False  # not committed: send it again
+        log.warning(
+            "kafka commit abandoned: the partitions moved on meanwhile",
+            partitions=_names(batch.first),
+            committed={f"{tp.topic}-{tp.partition}": offsets.get(tp) for tp in batch.first},
+        )
+        raise _MovedOn
 
     async def _before_retry(self, attempt: int, exc: BaseException) -> None:
         self._metrics.retries.labels("kafka").inc()
@@ -260,6 +316,10 @@ class CommitPipeline:
             transactional_id=txn_id,
         )
         await self._reset()
+
+
+def _at_or_before(committed: int | None, offset: int) -> bool:
+    return committed is None or committed <= offset
 
 
 def _names(offsets: Mapping[TopicPartition, int]) -> list[str]:

@@ -313,6 +313,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "days `prune-ledger` keeps (must outlive the request topic's retention)",
     ),
     Setting("log_level", "PROCESSOR_LOG_LEVEL", str.lower, "debug, info, warning or error"),
+    Setting(
+        "log_format",
+        "PROCESSOR_LOG_FORMAT",
+        str.lower,
+        "json (one object a line) or console (readable text for a terminal)",
+    ),
 )
 
 
@@ -348,6 +354,7 @@ class Settings:
     partitions: int = 6
     ledger_retention_days: int = 30
     log_level: str = "info"
+    log_format: str = "json"
 
     @classmethod
     def from_env(
@@ -372,6 +379,10 @@ class Settings:
                 raise ConfigError(f"{origin}={shown[:200]!r}: {exc}") from None
         if values.get("log_level", "info") not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"PROCESSOR_LOG_LEVEL={values['log_level']!r}: unknown level")
+        if values.get("log_format", "json") not in {"json", "console"}:
+            raise ConfigError(
+                f"PROCESSOR_LOG_FORMAT={values['log_format']!r}: unknown format (json or console)"
+            )
         settings = cls(**values)
         problem = settings._kafka_security_problem()
         if problem is not None:

@@ -626,20 +626,25 @@ def rows_of(registry: Registry, request: Request) -> list[Row]:
         return list(dict.fromkeys(row for r in request.requests for row in rows_of(registry, r)))
     if not isinstance(request, ROW_REQUEST_TYPES):
         return []  # retrieve_entity touches no row
-    pairs: list[tuple[str, str | int]] = [(request.entity, request.id)]
+    rows = [_row(registry, request.entity, request.id)]
     if isinstance(request, UpdateRequest):
-        pairs.extend((r.entity, r.id) for r in request.related)
-    rows: list[Row] = []
-    for name, value in pairs:
-        entity = registry.get(name)
-        if entity is None:
-            rows.append((name, value))
-            continue
-        try:
-            rows.append((entity.name, _key(entity, value, "id")))
-        except Fault:
-            rows.append((entity.name, value))
+        rows.extend(_row(registry, r.entity, r.id) for r in request.related)
     return rows
+
+
+def _row(registry: Registry, name: str, value: str | int) -> Row:
+    """What :func:`_key` makes of a key, as a row; a key it refuses stays as sent. Only a
+    UUID changes on the way (integer and text keys are compared as given), and this runs
+    for every request of every batch: no more work than that."""
+    entity = registry.get(name)
+    if entity is None:
+        return (name, value)
+    if entity.key_kind == "uuid" and isinstance(value, str):
+        try:
+            return (entity.name, uuid.UUID(value))
+        except ValueError:
+            pass
+    return (entity.name, value)
 
 
 def round_numbers(rows: Sequence[Sequence[Row]]) -> list[int]:

@@ -1,10 +1,11 @@
 """Least privilege: the GRANTs a worker role (or a ledger-pruning role) needs, nothing more.
 
 ``processor grants --role NAME`` prints them, built from the validated registry and the
-ledger schema; ``--apply`` executes them (as the tables' owner) in one transaction and
-then checks the role: it must hold every privilege of the plan and nothing that lets it
-change the schema (superuser, CREATE on a schema or the database, ownership of a table,
-extra table privileges). ``processor migrate`` stays a job for the owner.
+ledger schema, with a warning on stderr when the role does not exist yet; ``--apply``
+executes them (as the tables' owner) in one transaction and then checks the role: it must
+hold every privilege of the plan and nothing that lets it change the schema (superuser,
+CREATE on a schema or the database, ownership of a table, extra table privileges).
+``processor migrate`` stays a job for the owner.
 
 What the worker's SQL (processor/statements.py, processor/ledger.py) needs, per entity:
 
@@ -269,15 +270,21 @@ async def run_grants(settings: Settings, role: str, *, prune: bool, apply: bool)
         database = str(await conn.fetchval("SELECT quote_ident(current_database())"))
         sql = statements(plan, role, database)
         source = "the ledger" if prune else f"{settings.entities} and the ledger"
+        exists = bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role))
+        create = f"CREATE ROLE {role} LOGIN PASSWORD '...'"
+        if apply and not exists:
+            raise ConfigError(f"role {role!r} does not exist: create it first, e.g. {create}")
         print(f"-- processor grants: the {plan.kind} role {role}, from {source}")
         print("\n".join(sql))
         if not apply:
+            if not exists:
+                # The GRANTs would fail on this server as they stand: say so, loudly.
+                print(
+                    f"processor grants: warning: role {role!r} does not exist on this server; "
+                    f"create it before running these GRANTs, e.g. {create}",
+                    file=sys.stderr,
+                )
             return 0
-        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-            raise ConfigError(
-                f"role {role!r} does not exist: create it first, e.g. "
-                f"CREATE ROLE {role} LOGIN PASSWORD '...'"
-            )
         async with conn.transaction():
             for statement in sql:
                 if not statement.startswith("--"):

@@ -96,26 +96,34 @@ def _header(headers: Headers, name: str) -> str | None:
     return None
 
 
+def _header_request_id(headers: Headers) -> str | None:
+    """The ``request_id`` header, if it is one the contract allows in the body (1 to 128
+    characters, no NUL): the only address of a message whose body cannot be read."""
+    rid = _header(headers, "request_id")
+    return rid if rid and len(rid) <= 128 and "\x00" not in rid else None
+
+
 def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Rejected:
     """Decode one record; never raises for anything the record contains."""
     value = message.value
     if value is not None and len(value) > max_bytes:
         # Not decoded at all: a request_id header is the only way to address a reply.
         fault: Fault = RequestTooLarge(f"message of {len(value)} bytes is over {max_bytes}")
-        rid = _header(message.headers, "request_id")
-        rid = rid if rid and len(rid) <= 128 and "\x00" not in rid else None
+        rid = _header_request_id(message.headers)
         return _rejected(message, fault, rid, None, None, None, None, now)
     if value is None:
         fault = InvalidArgument("message has no value (a tombstone)")
-        return _rejected(message, fault, None, None, None, None, None, now)
+        rid = _header_request_id(message.headers)
+        return _rejected(message, fault, rid, None, None, None, None, now)
     try:
         request = decode_request(value)
     except Fault as exc:
+        # The body's request_id when it can be read, else the producer's header.
         found = salvage(value)
         rejected = _rejected(
             message,
             exc,
-            found.request_id,
+            found.request_id or _header_request_id(message.headers),
             found.reply_to,
             found.type,
             found.entity,

@@ -51,6 +51,7 @@ from aiokafka.protocol.commit import (
     OffsetFetchRequest_v2,
     OffsetFetchRequest_v3,
 )
+from aiokafka.protocol.group import HeartbeatRequest
 from aiokafka.protocol.transaction import TxnOffsetCommitRequest_v0
 from aiokafka.protocol.types import (
     Boolean,
@@ -74,6 +75,7 @@ __all__ = [
     "counters",
     "group_metadata",
     "install",
+    "membership_problem",
     "send_offsets_to_transaction",
 ]
 
@@ -141,6 +143,31 @@ def group_metadata(consumer: AIOKafkaConsumer) -> GroupMetadata:
         member_id=coordinator.member_id,
         group_instance_id=coordinator._group_instance_id,
     )
+
+
+async def membership_problem(consumer: AIOKafkaConsumer) -> str | None:
+    """Why this consumer is not (or no longer) a current member of its group, or None.
+
+    One Heartbeat with the consumer's generation and member id, answered by the group
+    coordinator. For a worker that was stalled (paused, starved) longer than a heartbeat
+    interval: before it applies records fetched before the stall, it asks whether it still
+    owns them. aiokafka's own heartbeat task finds out too, but later and not in order with
+    the worker's loop.
+    """
+    group = group_metadata(consumer)
+    if group.generation_id < 0 or not group.member_id:
+        return "not in the group"
+    coordinator = consumer._coordinator
+    try:
+        response = await coordinator._send_req(
+            HeartbeatRequest(group.group_id, group.generation_id, group.member_id)
+        )
+    except errors.KafkaError as exc:
+        return f"the group coordinator did not answer ({exc!r})"
+    if response.error_code:
+        name: str = errors.for_code(response.error_code).__name__
+        return name
+    return None
 
 
 async def send_offsets_to_transaction(

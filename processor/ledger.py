@@ -141,6 +141,14 @@ CREATE INDEX IF NOT EXISTS request_ledger_record
             # redo finds the request in the ledger instead of applying it again.
             raise TransientError(f"request_id claimed concurrently: {exc}") from exc
 
+    async def prunable(self, conn: Connection, older_than: timedelta) -> int:
+        """How many entries :meth:`prune` would delete now (``prune-ledger --dry-run``)."""
+        found = await conn.fetchval(
+            f"SELECT count(*) FROM {self.table} WHERE processed_at < now() - $1::interval",
+            older_than,
+        )
+        return int(found)
+
     async def prune(self, conn: Connection, older_than: timedelta, *, chunk: int = 10_000) -> int:
         """Delete entries processed before now - ``older_than``, in chunks; returns the count."""
         total = 0

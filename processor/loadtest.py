@@ -15,8 +15,9 @@ Closed loop (``--clients`` virtual clients, each starts its next operation when 
 ended) or open loop (``--rate`` operations per second on a fixed schedule, latency measured
 from the scheduled start so a slow system is not hidden; at most ``--max-in-flight``).
 
-The test writes the database directly only to reset its rows at the start and to read them
-at the end. Then it checks, and exits 1 loudly if any breaks:
+The test writes the database directly only to reset its rows at the start, to read them at
+the end and, after the checks, to delete them (unless ``keep_rows``). Then it checks, and
+exits 1 loudly if any breaks:
 
 - every counter equals the number of increments that got a success reply;
 - no stale update was accepted; the delete range lost exactly the rows deleted with success;
@@ -28,8 +29,11 @@ at the end. Then it checks, and exits 1 loudly if any breaks:
 - the audit (``processor.audit``), when that module exists: see :func:`run_audit_hook`.
 
 It needs a running worker group, or ``--with-worker N`` to start N ``processor run``
-processes for the run. Results: a summary on stdout, ``--json`` and a ``--plot`` PNG
-(needs matplotlib: the ``plot`` extra; without it the plot is skipped with a message).
+processes for the run (their logs: ``--worker-logs DIR``, else a temporary directory that
+is named at the start and removed after a clean run). Results: a summary on stdout, and
+only when asked, ``--json`` and a ``--plot`` PNG (needs matplotlib: the ``plot`` extra;
+without it the plot is skipped with a message). The summary and the audit line count
+requests alike: every request record the run sent (resends included), setup excluded.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +88,7 @@ __all__ = [
     "add_arguments",
     "check_invariants",
     "dump",
+    "figure",
     "percentile",
     "run_audit_hook",
     "run_from_args",
@@ -119,9 +125,15 @@ class LoadOptions:
     ready_timeout: float = 120.0
     with_worker: int = 0
     seed: int | None = None
-    json_path: Path | None = Path("loadtest.json")
-    plot_path: Path | None = Path("loadtest.png")
+    #: Where the result JSON and the plot go: nowhere unless asked.
+    json_path: Path | None = None
+    plot_path: Path | None = None
     progress: bool = True
+    #: ``--with-worker``'s logs: this directory (kept), else a temporary one, removed after
+    #: a clean run and kept (and named) when a worker or an invariant failed.
+    worker_logs: Path | None = None
+    #: Leave the seeded rows in the table after the run (else they are deleted at the end).
+    keep_rows: bool = False
 
     def validate(self) -> None:
         problems = [
@@ -210,16 +222,18 @@ def check_invariants(
         Invariant(
             "counters == successful increments",
             not wrong,
-            f"{len(counters)} rows, {sum(seen.increments.values())} increments"
+            f"{_n(len(counters), 'row')}, {_n(sum(seen.increments.values()), 'increment')}"
             if not wrong
-            else f"{len(wrong)} rows differ (id: db, increments): {sorted(wrong.items())[:10]}",
+            else f"{_n(len(wrong), 'row')} {'differs' if len(wrong) == 1 else 'differ'} "
+            "(id: db, increments): "
+            f"{sorted(wrong.items())[:10]}",
         )
     )
     out.append(
         Invariant(
             "no stale update accepted",
             seen.stale_accepted == 0,
-            f"{seen.stale_accepted} accepted",
+            f"{seen.stale_accepted:,} accepted",
         )
     )
     expected_left = set(delete_ids) - seen.deleted
@@ -227,7 +241,7 @@ def check_invariants(
         Invariant(
             "deleted rows == successful deletes",
             delete_left == expected_left,
-            f"{len(seen.deleted)} deleted, {len(delete_left)} left"
+            f"{len(seen.deleted):,} deleted, {len(delete_left):,} left"
             if delete_left == expected_left
             else f"still there but deleted: {sorted(delete_left - expected_left)[:10]}, "
             f"gone but never deleted: {sorted(expected_left - delete_left)[:10]}",
@@ -238,9 +252,9 @@ def check_invariants(
         Invariant(
             "replies == requests",
             not missing and seen.unsettled == 0,
-            f"{len(seen.sent)} requests, {len(seen.replied)} replied"
+            f"{_n(len(seen.sent), 'request_id')}, {len(seen.replied):,} answered"
             + (f"; without reply: {missing[:5]}" if missing else "")
-            + (f"; {seen.unsettled} unsettled timeouts" if seen.unsettled else ""),
+            + (f"; {_n(seen.unsettled, 'unsettled timeout')}" if seen.unsettled else ""),
         )
     )
     if seen.topic_read:
@@ -256,7 +270,7 @@ def check_invariants(
             Invariant(
                 "reply topic: one reply per send, none missing, copies identical",
                 not absent and not dupes and not differ,
-                f"{copies} replies for {len(seen.topic)} request_ids"
+                f"{copies:,} replies for {_n(len(seen.topic), 'request_id')}"
                 + (f"; missing: {absent[:5]}" if absent else "")
                 + (f"; more replies than sends: {list(dupes.items())[:5]}" if dupes else "")
                 + (f"; copies differ: {differ[:5]}" if differ else ""),
@@ -544,16 +558,24 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 class _Workers:
     """``--with-worker N``: N ``processor run`` subprocesses for the run's duration."""
 
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, logdir: Path | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.logdir = Path(tempfile.mkdtemp(prefix="processor-loadtest-"))
+        #: A temporary directory is ours to remove; one the user named is not.
+        self.temporary = logdir is None
+        if logdir is None:
+            self.logdir = Path(tempfile.mkdtemp(prefix="processor-loadtest-"))
+        else:
+            logdir.mkdir(parents=True, exist_ok=True)
+            self.logdir = logdir
+        print(f"loadtest: {_n(count, 'worker')}, logs in {self.logdir}", file=sys.stderr)
         env = _worker_env(settings)
         for i in range(count):
             with open(self.logdir / f"worker-{i}.log", "wb") as log:
                 self.procs.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "processor", "run"],
-                        env=env,
+                        # N workers on one host: each its own transactional id
+                        env={**env, "PROCESSOR_WORKER_ID": f"loadtest-{i}"},
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
@@ -577,6 +599,19 @@ class _Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+
+    def clean_exit(self) -> bool:
+        return all(proc.returncode == 0 for proc in self.procs)
+
+    def settle_logs(self, ok: bool) -> dict[str, Any]:
+        """Remove a temporary log directory after a clean run; say where the logs are."""
+        if self.temporary and ok and self.clean_exit():
+            shutil.rmtree(self.logdir, ignore_errors=True)
+            print(f"loadtest: worker logs removed ({self.logdir}): a clean run", file=sys.stderr)
+            return {"dir": str(self.logdir), "kept": False}
+        why = "" if ok and self.clean_exit() else " (a worker or an invariant failed)"
+        print(f"loadtest: worker logs kept in {self.logdir}{why}", file=sys.stderr)
+        return {"dir": str(self.logdir), "kept": True}
 
 
 async def _wait_ready(client: Client, entity: Entity, row: int, limit: float) -> None:
@@ -681,12 +716,25 @@ async def run_audit_hook(
     ok = bool(getattr(report, "ok", False))
     counts = getattr(report, "counts", {}) or {}
     found = {k: v for k, v in (getattr(report, "anomalies", {}) or {}).items() if v}
+    requests, replies = counts.get("request_records"), counts.get("replies")
     return Invariant(
         "audit (processor.audit over the run's window)",
         ok,
-        f"{counts.get('requests', '?')} requests, {counts.get('replies', '?')} replies, "
+        f"{_count(requests)} requests, {_count(replies)} replies on the reply topic, "
         + ("no anomalies" if ok else f"anomalies: {found or report!r}"),
     )
+
+
+def _ms(value: Any) -> str:
+    return f"{value:,.1f}" if isinstance(value, int | float) else "-"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -712,12 +760,17 @@ async def run_loadtest(
         await _reset_rows(conn, entity, opts)
     finally:
         await conn.close()
-    workers = _Workers(settings, opts.with_worker) if opts.with_worker else None
+    workers = _Workers(settings, opts.with_worker, opts.worker_logs) if opts.with_worker else None
+    result: dict[str, Any] | None = None
     try:
-        return await _run(settings, opts, entity, workers, before_check)
+        result = await _run(settings, opts, entity, workers, before_check)
+        return result
     finally:
         if workers is not None:
             await workers.stop()
+            logs = workers.settle_logs(result is not None and result["invariants"]["ok"])
+            if result is not None:
+                result["worker_logs"] = logs
 
 
 async def _run(
@@ -736,8 +789,6 @@ async def _run(
         timeout=opts.timeout,
     )
     run: _Run | None = None
-    now = datetime.now(UTC)  # Kafka timestamps are in ms: so is the audit's window
-    since = now.replace(microsecond=now.microsecond // 1000 * 1000)
     async with client:
         await _wait_ready(client, entity, opts.first_id, opts.ready_timeout)
         counter_ids = range(opts.first_id, opts.first_id + opts.rows)
@@ -762,6 +813,10 @@ async def _run(
             f"stale {opts.stale_share:.0%}, entity {entity.name} ({entity.qualified})",
             file=sys.stderr,
         )
+        # The audit's window starts here, after the setup's requests (readiness and stale
+        # reads), so it counts the requests the summary counts. Kafka timestamps are ms.
+        now = datetime.now(UTC)
+        since = now.replace(microsecond=now.microsecond // 1000 * 1000)
         run.recording = True
         run.started_at = datetime.now(UTC)
         run.t0 = started = time.monotonic()
@@ -807,7 +862,22 @@ async def _run(
     invariants.append(
         audit or Invariant("audit", True, "skipped: processor.audit is not there (hook ready)")
     )
-    return _result(run, opts, entity, elapsed, invariants)
+    result = _result(run, opts, entity, elapsed, invariants)
+    first, last = opts.first_id, opts.first_id + opts.rows + opts.delete_rows - 1
+    result["rows"] = {"table": entity.qualified, "first": first, "last": last, "kept": True}
+    if not opts.keep_rows:
+        conn = await asyncpg.connect(settings.database_url, timeout=30)
+        try:
+            await conn.execute(
+                f"DELETE FROM {entity.qualified} "  # noqa: S608
+                f"WHERE {quote(entity.key.name)} BETWEEN $1 AND $2",
+                first,
+                last,
+            )
+        finally:
+            await conn.close()
+        result["rows"]["kept"] = False
+    return result
 
 
 def _result(
@@ -826,17 +896,26 @@ def _result(
         requests_per_second[min(int(end), seconds - 1)] += 1
     for end in run.conflict_times:
         conflicts_per_second[min(int(end), seconds - 1)] += 1
-    timeline = [
-        {
-            "t": s,
-            "ops": len(lats),
-            "requests": requests_per_second[s],
-            "conflicts": conflicts_per_second[s],
-            "p50_ms": round(percentile(lats, 50) * 1000, 2) if lats else None,
-            "p99_ms": round(percentile(lats, 99) * 1000, 2) if lats else None,
-        }
-        for s, lats in enumerate(per_second)
-    ]
+    timeline = []
+    for s, lats in enumerate(per_second):
+        # The last bucket is as long as what is left of the run; buckets from the load's
+        # end on are the drain (operations in flight finishing, no new ones started).
+        span = max(1e-3, min(1.0, elapsed - s))
+        timeline.append(
+            {
+                "t": s,
+                "span_s": round(span, 3),
+                "drain": s >= opts.duration,
+                "ops": len(lats),
+                "requests": requests_per_second[s],
+                "conflicts": conflicts_per_second[s],
+                "ops_per_s": round(len(lats) / span, 1),
+                "requests_per_s": round(requests_per_second[s] / span, 1),
+                "conflicts_per_s": round(conflicts_per_second[s] / span, 1),
+                "p50_ms": round(percentile(lats, 50) * 1000, 2) if lats else None,
+                "p99_ms": round(percentile(lats, 99) * 1000, 2) if lats else None,
+            }
+        )
     increments = sum(run.seen.increments.values())
     requests = sum(run.seen.sent.values())
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
@@ -852,7 +931,8 @@ def _result(
         "ops": len(run.ops),
         "requests": requests,
         "request_ids": len(run.seen.sent),
-        "replies": len(run.seen.replied),
+        "replies": len(run.requests),  # replies the client received, one per answered send
+        "request_ids_answered": len(run.seen.replied),
         "increments": increments,
         "conflicts": run.conflicts,
         "throughput": {
@@ -880,22 +960,35 @@ def _result(
 
 
 def summary(result: dict[str, Any]) -> str:
+    """The human summary. Counts with thousands separators, rates and milliseconds with one
+    decimal, everywhere."""
     t, lat = result["throughput"], result["latency_ms"]
+    resent = result["requests"] - result["request_ids"]
     lines = [
-        f"elapsed {result['elapsed_s']} s: {result['ops']} operations, {result['requests']} "
-        f"requests ({result['request_ids']} request_ids), {result['replies']} replied",
-        f"throughput: {t['ops_per_s']} ops/s, {t['requests_per_s']} requests/s, "
-        f"{t['increments_per_s']} increments/s",
+        f"elapsed {result['elapsed_s']:,.1f} s: {_n(result['ops'], 'operation')}, "
+        f"{_n(result['requests'], 'request')} ({result['request_ids']:,} request_ids, "
+        f"{resent:,} resent), {result['replies']:,} replies received",
+        f"throughput: {t['ops_per_s']:,.1f} operations/s, {t['requests_per_s']:,.1f} "
+        f"requests/s, {t['increments_per_s']:,.1f} increments/s",
+        f"latency (ms)  {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}",
     ]
     for name in ("op", "request", "increment", "delete", "stale"):
         if lat.get(name):
             v = lat[name]
+            label = "operation" if name == "op" else name
             lines.append(
-                f"latency {name:9} ms: p50 {v['p50']}  p90 {v['p90']}  p99 {v['p99']}  "
-                f"max {v['max']}"
+                f"  {label:11} " + " ".join(f"{v[q]:>9,.1f}" for q in ("p50", "p90", "p99", "max"))
             )
-    lines.append(f"conflicts (version mismatches retried): {result['conflicts']}")
-    lines.append("outcomes: " + ", ".join(f"{k} {v}" for k, v in result["outcomes"].items()))
+    lines.append(f"conflicts (version mismatches retried): {result['conflicts']:,}")
+    lines.append("outcomes: " + ", ".join(f"{k} {v:,}" for k, v in result["outcomes"].items()))
+    rows = result.get("rows")
+    if rows is not None:
+        span = f"rows {rows['first']:,}-{rows['last']:,} of {rows['table']}"
+        lines.append(
+            f"{span}: kept (--keep-rows)"
+            if rows["kept"]
+            else f"{span}: deleted after the checks (--keep-rows keeps them)"
+        )
     lines.append("invariants:")
     for check in result["invariants"]["checks"]:
         mark = "ok    " if check["ok"] else "BROKEN"
@@ -925,6 +1018,17 @@ def write_plot(result: dict[str, Any], path: Path) -> str:
             "plot skipped: matplotlib is not installed "
             "(pip install 'processor[plot]', or the dev group)"
         )
+    fig = figure(result)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """The plot's matplotlib figure (needs matplotlib): latency above, throughput below."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
     samples = result["samples"]
     timeline = result["timeline"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -936,30 +1040,52 @@ def write_plot(result: dict[str, Any], path: Path) -> str:
     top.plot(xs, [p["p50_ms"] for p in timeline], color="black", label="p50 per second")
     top.plot(xs, [p["p99_ms"] for p in timeline], color="red", label="p99 per second")
     top.set_yscale("log")
+    # Plain numbers of milliseconds (1, 10, 100, 1000), not powers of ten.
+    top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     top.set_ylabel("latency (ms)")
     top.legend(loc="upper right")
     top.grid(True, which="both", alpha=0.3)
     o = result["options"]
+    op = result["latency_ms"].get("op", {})
     load = f"{o['clients']} clients" if o["mode"] == "closed" else f"{o['rate']} ops/s"
     top.set_title(
         f"processor loadtest: {o['mode']} loop, {load}, {o['rows']} rows, skew {o['skew']}"
-        f" - p50 {result['latency_ms'].get('op', {}).get('p50')} ms, "
-        f"p99 {result['latency_ms'].get('op', {}).get('p99')} ms",
+        f" - operation p50 {_ms(op.get('p50'))} ms, p99 {_ms(op.get('p99'))} ms",
         fontsize=10,
     )
-    bottom.plot(xs, [p["ops"] for p in timeline], label="operations/s")
-    bottom.plot(xs, [p["requests"] for p in timeline], label="requests/s")
-    bottom.plot(xs, [p["conflicts"] for p in timeline], label="version conflicts/s")
+    # Throughput as rates over each bucket's length, during the load only: the drain after
+    # it starts nothing new, and a short last bucket is not a fall in throughput.
+    # (A result written before these fields existed: derived from the run's length.)
+    end = result["elapsed_s"]
+    loaded = [p for p in timeline if not p.get("drain", p["t"] >= o["duration"])]
+    spans = [p.get("span_s", max(1e-3, min(1.0, end - p["t"]))) for p in loaded]
+    lx = [p["t"] + span / 2 for p, span in zip(loaded, spans, strict=True)]
+    for key, count, label in (
+        ("ops_per_s", "ops", "operations/s"),
+        ("requests_per_s", "requests", "requests/s"),
+        ("conflicts_per_s", "conflicts", "version conflicts/s"),
+    ):
+        rates = [p.get(key, p[count] / span) for p, span in zip(loaded, spans, strict=True)]
+        bottom.plot(lx, rates, label=label)
     for axis in (top, bottom):
         axis.axvline(o["duration"], color="grey", linestyle=":", linewidth=1)
+        if end > o["duration"]:
+            axis.axvspan(o["duration"], end, color="grey", alpha=0.12, linewidth=0)
+    bottom.text(
+        o["duration"],
+        0.98,
+        " drain",
+        transform=bottom.get_xaxis_transform(),
+        va="top",
+        fontsize=8,
+        color="grey",
+    )
     bottom.set_xlabel("time (s)")
     bottom.set_ylabel("per second")
     bottom.legend(loc="lower left")
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"plot written to {path}"
+    return fig
 
 
 # --- the command --------------------------------------------------------------------------
@@ -1000,10 +1126,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ready-timeout", type=float, default=d.ready_timeout, help="wait for workers [%(default)s]")
     a("--with-worker", type=int, default=0, metavar="N", help="start N `processor run` for the run")
     a("--seed", type=int, default=None, help="random seed")
-    a("--json", type=Path, default=d.json_path, help="result file [%(default)s]")
-    a("--plot", type=Path, default=d.plot_path, help="PNG plot [%(default)s]")
-    a("--no-plot", action="store_true", help="do not draw the plot")
+    a(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the result as JSON to this file (a directory: loadtest.json in it) [none]",
+    )
+    a(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="draw latency and throughput to this PNG (a directory: loadtest.png in it) [none]",
+    )
+    a("--no-plot", action="store_true", help="do not draw the plot, even with --plot")
     a("--no-progress", action="store_true", help="no progress line on stderr")
+    a(
+        "--worker-logs",
+        type=Path,
+        metavar="DIR",
+        help="--with-worker: write the workers' logs here and keep them [a temporary "
+        "directory, removed after a clean run]",
+    )
+    a(
+        "--keep-rows",
+        action="store_true",
+        help="leave the seeded rows in the table (default: deleted after the checks)",
+    )
+
+
+def _output(path: Path | None, flag: str, name: str) -> Path | None:
+    """Where an output goes, checked now (not after the run): a directory gets ``name``."""
+    if path is None:
+        return None
+    target = (path / name if path.is_dir() else path).resolve()
+    if not target.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the directory {target.parent} is not writable")
+    return target
 
 
 async def run_from_args(settings: Settings, args: argparse.Namespace) -> int:
@@ -1026,13 +1186,12 @@ async def run_from_args(settings: Settings, args: argparse.Namespace) -> int:
         ready_timeout=args.ready_timeout,
         with_worker=args.with_worker,
         seed=args.seed,
-        json_path=args.json,
-        plot_path=None if args.no_plot else args.plot,
+        json_path=_output(args.json, "--json", "loadtest.json"),
+        plot_path=None if args.no_plot else _output(args.plot, "--plot", "loadtest.png"),
         progress=not args.no_progress,
+        worker_logs=args.worker_logs,
+        keep_rows=args.keep_rows,
     )
-    for path in (opts.json_path, opts.plot_path):  # fail now, not after the run
-        if path is not None and not os.access(path.parent.resolve(), os.W_OK):
-            raise ConfigError(f"cannot write {path}: its directory is not writable")
     result = await run_loadtest(settings, opts)
     print(summary(result))
     if opts.json_path is not None:

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from processor import kip447
+from processor.log import client_events
 
 __all__ = ["Metrics", "serve_http"]
+
+# A `<name>_created` series beside every counter and histogram (the time it was created)
+# doubles the exposition and tells nothing a process_start_time_seconds does not.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: Label values known up front: their series are exported at 0 before anything happened.
+REQUEST_TYPES = ("update", "delete", "retrieve")
+RETRY_CAUSES = ("database", "kafka")
+BATCH_PHASES = ("database", "wait", "kafka")
+
+
+class _ClientEvents(Collector):
+    """processor_client_events_total{source,event}: the log's count of client events."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "processor_client_events",
+            "Events the client libraries reported (retries, rebalances, other warnings and "
+            "errors), by library and event",
+            labels=["source", "event"],
+        )
+        for (source, event), count in sorted(client_events().items()):
+            family.add_metric([source, event], count)
+        yield family
 
 
 class _Kip447Collector(Collector):
@@ -33,6 +69,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process's memory (RSS), CPU seconds, open file descriptors (from /proc), the
+        # Python version and the garbage collector's work.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        r.register(_ClientEvents())
         self.requests = Counter(
             "processor_requests",
             "Requests answered, by type, outcome and fault code",
@@ -86,13 +128,35 @@ class Metrics:
         self.fenced = Counter(
             "processor_fenced",
             "Batches not committed because this worker was fenced: by the group (generation: "
-            "it no longer owns the partitions) or by another producer of its transactional id",
+            "it no longer owns the partitions), by another producer of its transactional id "
+            "(producer), by the broker aborting a transaction open too long (timeout), or "
+            "left before applying because the worker stalled out of the group (stalled)",
             ["reason"],
             registry=r,
         )
-        for reason in ("generation", "producer"):
+        for reason in ("generation", "producer", "timeout", "stalled"):
             self.fenced.labels(reason)
         r.register(_Kip447Collector())
+        # Every series of a known label value from the start: a rate() over a series that
+        # appears at its first increment misses that increment, and "absent" reads as "0".
+        for cause in RETRY_CAUSES:
+            self.retries.labels(cause)
+        for phase in BATCH_PHASES:
+            self.phase.labels(phase)
+        for kind in REQUEST_TYPES:
+            self.requests.labels(kind, "success", "")
+
+    def partitions_assigned(self, partitions: Iterable[int]) -> None:
+        """Export a lag for partitions just assigned: 0 until their first batch commits
+        (an idle partition's lag is 0; a backlog shows at the first commit)."""
+        for partition in partitions:
+            self.lag.labels(str(partition))  # a new series starts at 0; a known one stays
+
+    def partitions_revoked(self, partitions: Iterable[int]) -> None:
+        """Drop the lag of partitions another worker owns now (it exports theirs)."""
+        for partition in partitions:
+            with contextlib.suppress(KeyError):
+                self.lag.remove(str(partition))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

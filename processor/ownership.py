@@ -38,11 +38,13 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._settle()
+        self._metrics.partitions_revoked(tp.partition for tp in revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         held = self.consumer.assignment() if self.consumer is not None else set(assigned)
         self._metrics.assigned.set(len(held))
         self._metrics.rebalances.inc()
+        self._metrics.partitions_assigned(tp.partition for tp in assigned)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
 
     def holds(self, tp: TopicPartition) -> bool:

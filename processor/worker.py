@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +75,10 @@ log = get_logger("processor.worker")
 
 #: How long the worker tries to start its producer before it gives up (exit).
 START_RETRY_SECONDS = 60.0
+#: A loop that did not come back to its fetch for this long was stalled (the process
+#: paused, the machine starved): a heartbeat interval, so that the group may have
+#: evicted it. Before applying what it fetched, it asks the coordinator.
+STALL_SECONDS = 3.0
 
 
 class Worker:
@@ -106,7 +111,11 @@ class Worker:
         self.applier = Applier(engine, pool, metrics, stop=self._stop)
         self.transactions = transactions or KafkaTransactions(self._access, self.transactional_id)
         self.pipeline = CommitPipeline(
-            self.transactions, metrics, stop=self._stop, retry_seconds=commit_retry_seconds
+            self.transactions,
+            metrics,
+            committed=self._committed,
+            stop=self._stop,
+            retry_seconds=commit_retry_seconds,
         )
         self.batch_lock = asyncio.Lock()
         self.ownership = Ownership(metrics, self._settle_locked)
@@ -115,6 +124,9 @@ class Worker:
         # it returns the partitions to rewind, and where.
         self._committing: asyncio.Task[dict[TopicPartition, int]] | None = None
         self._fatal: BaseException | None = None
+        # Partitions rewound after a commit that did not (or may not) land: before their
+        # next batch, their position is checked against the committed offset.
+        self._verify: set[TopicPartition] = set()
         self._routes = ReplyRoutes(self._access, settings.reply_topic)
         self._last_poll = 0.0
 
@@ -214,6 +226,7 @@ class Worker:
             if task.done():
                 self._committing = None
         self.ownership.rewind(rewinds)
+        self._verify.update(rewinds)
         return rewinds
 
     async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
@@ -223,6 +236,24 @@ class Worker:
         group = kip447.group_metadata(self.consumer)
         now = datetime.now(UTC)
         owned = self.ownership.owned(fetched)
+        if self._verify & owned.keys():
+            owned = await self._verified(owned)
+        stalled = time.monotonic() - self._last_poll
+        if owned and stalled > STALL_SECONDS:
+            # The group's Kafka commit would refuse this batch, but its database writes
+            # would land first, possibly ahead of the new owner's on the same rows.
+            problem = await kip447.membership_problem(self.consumer)
+            if problem is not None:
+                self.metrics.fenced.labels("stalled").inc()
+                log.warning(
+                    "stalled past a heartbeat and no longer a current member: the fetched "
+                    "records are left to the group",
+                    stalled_seconds=round(stalled, 1),
+                    problem=problem,
+                )
+                self.ownership.rewind({tp: records[0].offset for tp, records in owned.items()})
+                await self.settle()
+                return
         total = sum(len(r) for r in owned.values())
         if not total:
             await self.settle()
@@ -279,6 +310,46 @@ class Worker:
             timestamps=[r.timestamp for records in owned.values() for r in records],
         )
         self._committing = asyncio.create_task(self._commit(batch), name="commit")
+
+    async def _committed(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offsets, read stable (kip447): an open transaction
+        holding them is waited for."""
+        assert self.consumer is not None
+        consumer = self.consumer
+        return {
+            tp: await asyncio.wait_for(consumer.committed(tp), kafka.CALL_TIMEOUT)
+            for tp in partitions
+        }
+
+    async def _verified(
+        self, owned: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """Owned records, less those of rewound partitions whose committed offset is not
+        where the rewind put them: a commit given up on Kafka's silence may have landed
+        (then the records are answered already), or a new owner may have moved on."""
+        checked = self._verify & owned.keys()
+        try:
+            committed = await self._committed(sorted(checked, key=lambda tp: tp.partition))
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("cannot read committed offsets yet", error=repr(exc)[:300])
+            self.ownership.rewind({tp: owned[tp][0].offset for tp in checked})
+            return {tp: r for tp, r in owned.items() if tp not in checked}
+        self._verify -= checked
+        keep = dict(owned)
+        for tp in checked:
+            offset = committed.get(tp)
+            if offset is not None and offset != owned[tp][0].offset:
+                log.info(
+                    "partition moved to its committed offset",
+                    partition=tp.partition,
+                    committed=offset,
+                    fetched_from=owned[tp][0].offset,
+                )
+                self.ownership.rewind({tp: offset})
+                del keep[tp]
+        return keep
 
     async def _commit(self, batch: Batch) -> dict[TopicPartition, int]:
         """Commit a batch; returns the partitions to read again, and where."""

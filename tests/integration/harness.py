@@ -7,6 +7,7 @@ never see each other's data. Workers are subprocesses, so they can be killed for
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +124,18 @@ class Scenario:
 
     async def setup(self, conn: asyncpg.Connection) -> None:
         await conn.execute(TABLE_SQL.format(schema=self.schema))
+        await self._topics_and_ledger()
+
+    async def sharing(self) -> Scenario:
+        """Another deployment on this one's schema (tables and ledger), with its own topics,
+        group and registry file: what a shared ledger sees."""
+        tmp = self.tmp / f"sharing-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        other = Scenario(self.kafka, self.database_url, self.schema, tmp, self.partitions)
+        await other._topics_and_ledger()
+        return other
+
+    async def _topics_and_ledger(self) -> None:
         (self.tmp / "entities.toml").write_text(REGISTRY.format(schema=self.schema))
         admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka)
         await admin.start()
@@ -321,3 +334,19 @@ async def check_exactly_once(
         assert seqs == sorted(seqs), f"key {key} applied out of order: {seqs[:20]}"
     ledger = await conn.fetchval(f"SELECT count(*) FROM {schema}.request_ledger WHERE applied")
     assert ledger == len(ids)
+
+
+def json_log_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a worker's output, each a JSON log object (the test fails on any other)."""
+    text = path.read_text(errors="replace")
+    parsed: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            value = None
+        keys = value.keys() if isinstance(value, dict) else set()
+        if not {"event", "level", "timestamp"} <= keys:
+            raise AssertionError(f"{path.name}: not a JSON log line: {line!r}\n\n{text[-5000:]}")
+        parsed.append(value)
+    return parsed

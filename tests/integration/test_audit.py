@@ -267,6 +267,9 @@ async def test_a_clean_history_passes_and_a_replay_changes_no_row(
     assert replayed.ok, replayed.render()
     assert replayed.counts["replies"] == 2 * history.with_id
     assert replayed.counts["republished"] == history.with_id
+    # How far the replay got, without Kafka's command-line tools.
+    assert replayed.scope["replay_lag"] == {replay: 0}
+    assert f"replay group {replay} has caught up" in replayed.render()
 
     strict = await audit(s)
     assert strict.found() == {DUPLICATE_REPLY}
@@ -473,7 +476,7 @@ async def test_ranges_and_a_record_history(
     expected = [*(f"{r}-1-{i}" for i in range(5)), f"{r}-related"]
     assert names == sorted([*expected, *(f"{r}-late-{i}" for i in range(4))])
     assert all(e["new"] is not None for e in record["entries"])
-    assert "acct 1: chain ok" in with_history.render()
+    assert "acct 1: version chain ok" in with_history.render()
 
 
 async def test_batches_metadata_and_reply_partitions_audit_clean(
@@ -528,3 +531,118 @@ async def test_batches_metadata_and_reply_partitions_audit_clean(
     report = await audit(s)
     assert report.ok, report.render()
     assert report.counts["chain_records"] == 3
+
+
+def run_cli(s: Scenario, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processor", "audit", "--quiet", *args],
+        env=s.env(PROCESSOR_MAX_MESSAGE_BYTES=MAX_BYTES),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+async def process(s: Scenario, requests: list[dict[str, Any] | Raw], replies: int) -> None:
+    """``requests`` through one worker of ``s``, stopped once ``replies`` are on its topic."""
+    s.start_worker(PROCESSOR_MAX_MESSAGE_BYTES=MAX_BYTES)
+    await s.send(requests)
+    await s.read_all(s.reply_topic, expect=replies)
+    s.stop_all(signal.SIGTERM)
+
+
+async def shared_ledger(
+    s: Scenario, pg: asyncpg.Connection
+) -> tuple[Scenario, list[dict[str, Any]]]:
+    """Two deployments on one schema. The other one writes acct 1, 3 and 4, then a reset by
+    plain SQL (as a load test does) breaks the chains of acct 1 and 3, then the other one
+    writes acct 3 again (a gap in its own traffic). Then ``s`` writes acct 1 (starting from
+    the reset's version) and 2, and deletes acct 2. Returns the other one and s's requests."""
+    await pg.execute(f"INSERT INTO {s.schema}.acct (id) SELECT g FROM generate_series(1, 4) g")
+    other = await s.sharing()
+    await process(other, [*updates([1, 3, 4], 3, other.run)], 9)
+    await pg.execute(f"UPDATE {s.schema}.acct SET balance = 100 WHERE id IN (1, 3)")
+    await process(other, [*updates([3], 2, f"{other.run}-again")], 11)
+    mine: list[dict[str, Any]] = [
+        *updates([1, 2], 3, s.run),
+        {"type": "delete", "request_id": f"{s.run}-del", "entity": "acct", "id": 2},
+    ]
+    await process(s, [*mine], len(mine))
+    return other, mine
+
+
+async def test_an_audit_judges_its_own_request_topic_on_a_shared_ledger(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    s = scenario
+    other, mine = await shared_ledger(s, pg)
+
+    report = await audit(s)
+    assert report.ok, report.render()
+    assert report.counts["request_records"] == len(mine)
+    assert report.counts["chain_records"] == 2  # acct 1 and 2: what these requests wrote
+    assert report.counts["chain_writes"] == len(mine)
+    assert report.counts["ledger_rows_other_topics"] == 11
+    assert report.counts["other_topics"] == 1
+    judged, not_judged = report.coverage["judged"], report.coverage["not_judged"]
+    assert judged[0].startswith(f"{len(mine)} request records of {s.request_topic}")
+    assert any("version chains of the 2 records" in line for line in judged)
+    assert any("11 ledger rows of 1 other request topic" in line for line in not_judged)
+
+    # The other deployment's audit still finds the gap in its own traffic, and only that.
+    theirs = await audit(other)
+    assert theirs.found() == {BROKEN_VERSION_CHAIN}, theirs.render()
+    (gap,) = examples(theirs, BROKEN_VERSION_CHAIN)
+    assert (gap["entity"], gap["id"], gap["request_id"]) == ("acct", "3", f"{other.run}-again-3-0")
+    assert "gap" in gap["detail"]
+
+    # The command: exit 0, and it says what it covered and what it did not judge.
+    done = run_cli(s)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert out.startswith("processor audit: OK, no anomalies"), out
+    assert "\njudged:\n" in out
+    assert "\nnot judged:\n" in out
+    assert f'11 ledger rows of 1 other request topic sharing "{s.schema}"' in out
+    assert f"1 reply per request record (its processing by consumer group {s.group})" in out
+
+
+async def test_a_record_history_is_a_query_not_failed_by_anomalies_elsewhere(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    s = scenario
+    await shared_ledger(s, pg)
+    ledger = f"{s.schema}.request_ledger"
+    # An anomaly outside acct 2's history: acct 1's last reply is no longer the ledger's.
+    target = f"{s.run}-1-2"
+    await pg.execute(
+        f"UPDATE {ledger} SET reply = reply || ' '::bytea WHERE request_id = $1", target
+    )
+    assert (await audit(s)).found() == {LEDGER_MISMATCH}
+
+    done = run_cli(s, "--entity", "acct", "--id", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert out.startswith("processor audit: history: no anomaly in it, 1 record, 4 entries"), out
+    assert "acct 2: version chain ok" in out
+    assert f"{s.run}-2-0 update success" in out
+    assert ", 1 reply)" in out
+    assert "1 replies" not in out
+    assert f"{s.run}-del delete success" in out
+    assert "-> deleted" in out
+    assert "1 anomaly outside this history" in out
+
+    # A record only the other topic wrote: its history shows, its chain is not judged here.
+    done = run_cli(s, "--entity", "acct", "--id", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "acct 3: version chain not judged" in done.stdout
+
+    # An anomaly in the history fails it.
+    target = f"{s.run}-2-1"
+    await pg.execute(
+        f"UPDATE {ledger} SET reply = reply || ' '::bytea WHERE request_id = $1", target
+    )
+    done = run_cli(s, "--entity", "acct", "--id", "2", "--json")
+    assert done.returncode == EXIT_ANOMALIES, done.stdout + done.stderr
+    found = json.loads(done.stdout)["history_anomalies"]
+    assert [(a["kind"], a["request_id"]) for a in found] == [(LEDGER_MISMATCH, target)]

@@ -133,6 +133,14 @@ async def test_a_member_of_an_old_generation_is_refused_its_offsets_and_the_prod
     new = kip447.group_metadata(second)
     assert new.generation_id > old.generation_id
 
+    assert await kip447.membership_problem(second) is None
+    # What a stalled member asks before applying what it fetched: it is told it is stale.
+    second._coordinator.generation -= 1
+    try:
+        assert await kip447.membership_problem(second) == "IllegalGenerationError"
+    finally:
+        second._coordinator.generation += 1
+
     fenced_before = kip447.counters["group_fenced"]
     await producer.begin_transaction()
     await producer.send(out, b"from-the-zombie")

@@ -279,3 +279,19 @@ def test_grants_apply_refuses_a_role_that_does_not_exist(scenario: Scenario) -> 
     assert applied.returncode == 2
     assert "does not exist" in applied.stderr
     assert time.monotonic() - started < 60
+
+
+def test_grants_warns_when_the_role_does_not_exist(scenario: Scenario) -> None:
+    """Printing is still useful (to review, or to run later), but the role is named."""
+    missing = f"lp_missing_{uuid.uuid4().hex[:8]}"
+    printed = _grants(scenario, "--role", missing)
+    assert printed.returncode == 0, printed.stderr
+    assert f'TO "{missing}";' in printed.stdout
+    assert f"processor grants: warning: role '{missing}' does not exist" in printed.stderr
+    assert f"CREATE ROLE {missing} LOGIN" in printed.stderr
+
+
+def test_grants_for_an_existing_role_print_no_warning(scenario: Scenario) -> None:
+    printed = _grants(scenario, "--role", "postgres", "--prune")
+    assert printed.returncode == 0, printed.stderr
+    assert "warning" not in printed.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -181,3 +184,31 @@ def test_ledger_table_name() -> None:
     """The table is <schema>.request_ledger."""
     name = f"s_{uuid.uuid4().hex[:8]}"
     assert Ledger(name).table == f'"{name}".request_ledger'
+
+
+async def test_prune_ledger_dry_run_counts_and_deletes_nothing(
+    pg: asyncpg.Connection, db_schema: str, stack_endpoints: Endpoints
+) -> None:
+    ledger = Ledger(db_schema)
+    await ledger.migrate(pg)
+    now = await pg.fetchval("SELECT now()")
+    ages = [timedelta(days=40), timedelta(days=31), timedelta(days=1)]
+    await ledger.insert(pg, [_entry(f"r{i}", now - age) for i, age in enumerate(ages)])
+    env = {
+        **os.environ,
+        "DATABASE_URL": stack_endpoints.database_url,
+        "PROCESSOR_LEDGER_SCHEMA": db_schema,
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "processor", "prune-ledger", "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "dry run: would delete 2 ledger entries older than 30 days\n"
+    assert await pg.fetchval(f"SELECT count(*) FROM {ledger.table}") == 3
+    assert await ledger.prunable(pg, timedelta(days=30)) == 2
+    assert await ledger.prune(pg, timedelta(days=30)) == 2

@@ -40,7 +40,8 @@ async def test_a_short_load_test_holds_every_invariant(
     scenario: Scenario, pg: asyncpg.Connection, tmp_path: Path
 ) -> None:
     settings = Settings.from_env(scenario.env())
-    result = await run_loadtest(settings, short())
+    logs = tmp_path / "logs"
+    result = await run_loadtest(settings, short(keep_rows=True, worker_logs=logs))
     report = summary(result)
     assert result["invariants"]["ok"], report
     names = [c["name"] for c in result["invariants"]["checks"]]
@@ -66,6 +67,17 @@ async def test_a_short_load_test_holds_every_invariant(
         f"SELECT n FROM {scenario.schema}.counter WHERE id BETWEEN 1 AND 6 ORDER BY id"
     )
     assert sum(r["n"] for r in rows) == result["increments"]
+    assert result["rows"]["kept"] is True
+    # the workers' logs went where asked, and stay
+    assert result["worker_logs"] == {"dir": str(logs), "kept": True}
+    assert (logs / "worker-0.log").stat().st_size > 0
+    # the summary and the audit line count the same requests (setup requests excluded)
+    (audit,) = [c for c in result["invariants"]["checks"] if c["name"].startswith("audit")]
+    assert audit["detail"].startswith(f"{result['requests']:,} requests, "), audit
+    # the drain after the load is its own bucket, rated over its length
+    last = result["timeline"][-1]
+    assert last["drain"] is True
+    assert last["span_s"] < 1
     # the outputs
     path = tmp_path / "result.json"
     path.write_text(json.dumps(result))
@@ -78,7 +90,7 @@ async def test_a_short_load_test_holds_every_invariant(
 
 
 async def test_a_tampered_counter_is_reported_as_a_broken_invariant(
-    scenario: Scenario,
+    scenario: Scenario, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def tamper(conn: asyncpg.Connection, entity: Entity) -> None:
         await conn.execute(
@@ -91,10 +103,37 @@ async def test_a_tampered_counter_is_reported_as_a_broken_invariant(
     assert not result["invariants"]["ok"]
     broken = [c for c in result["invariants"]["checks"] if not c["ok"]]
     assert [c["name"] for c in broken] == ["counters == successful increments"]
-    assert "1 rows differ" in broken[0]["detail"]
+    assert "1 row differs" in broken[0]["detail"]
     assert "BROKEN counters == successful increments" in summary(result)
     assert result["options"]["skew"] == "max"
     assert all(k.startswith("increment.") for k in result["outcomes"]), result["outcomes"]
+    # The seeded rows are gone (they are not asked to stay); the temporary logs of the
+    # failed run are kept, and the run said where.
+    first, last = result["rows"]["first"], result["rows"]["last"]
+    left = await pg.fetchval(
+        f"SELECT count(*) FROM {scenario.schema}.counter WHERE id BETWEEN $1 AND $2", first, last
+    )
+    assert left == 0
+    assert result["rows"]["kept"] is False
+    logs = Path(result["worker_logs"]["dir"])
+    assert result["worker_logs"]["kept"] is True
+    assert (logs / "worker-0.log").is_file()
+    assert f"loadtest: worker logs kept in {logs}" in capsys.readouterr().err
+
+
+async def test_a_clean_run_removes_its_temporary_worker_logs(
+    scenario: Scenario, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings.from_env(scenario.env())
+    opts = short(duration=1.0, clients=4, delete_share=0.0, stale_share=0.0)
+    result = await run_loadtest(settings, opts)
+    assert result["invariants"]["ok"], summary(result)
+    logs = Path(result["worker_logs"]["dir"])
+    assert result["worker_logs"]["kept"] is False
+    assert not logs.exists()
+    err = capsys.readouterr().err
+    assert f"loadtest: 1 worker, logs in {logs}" in err
+    assert f"loadtest: worker logs removed ({logs})" in err
 
 
 async def test_timeouts_are_settled_by_resending_the_same_request(scenario: Scenario) -> None:

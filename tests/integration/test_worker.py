@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import signal
 import socket
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -308,20 +311,83 @@ async def test_metrics_health_and_traceparent_are_exposed(
 async def test_a_zombie_worker_paused_past_its_session_is_fenced(
     scenario: Scenario, pg: asyncpg.Connection
 ) -> None:
-    """SIGSTOP a worker mid-stream past its session timeout, let another take over, then
-    SIGCONT it: whatever it held (a batch, an open transaction) is fenced or redone from the
-    ledger; one reply each, applied once. (Whether it was mid-commit when paused is up to
-    timing; the per-partition fencing itself is what lets this hold either way.)"""
+    """SIGSTOP a worker mid-stream past its session timeout, let the other take over, then
+    SIGCONT it. What it held when paused (a batch applied, its commit to come) commits
+    with the generation it was fetched under, and the group coordinator refuses it
+    (KIP-447): the test waits until the zombie has logged that refusal, pausing it again
+    (up to 4 times) if it happened to be idle. Then: one reply each, applied once."""
     await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 30)")
-    requests = updates(range(1, 31), 40, scenario.run)
+    requests = updates(range(1, 31), 400, scenario.run)
     zombie = scenario.start_worker()
+    zombie_log = scenario.tmp / "worker-0.log"
+    await until(lambda: "partitions assigned" in zombie_log.read_text(), "an assignment", 60)
     scenario.start_worker()
+    other_log = scenario.tmp / "worker-1.log"
+    await until(lambda: "partitions assigned" in other_log.read_text(), "the other's", 60)
     sender = asyncio.create_task(scenario.send(requests, rate=300))
-    await asyncio.sleep(2.0)
-    zombie.send_signal(signal.SIGSTOP)
-    await asyncio.sleep(15.0)  # session_timeout_ms is 10 s: the group moves on without it
-    zombie.send_signal(signal.SIGCONT)
+    await asyncio.sleep(1.0)  # both busy: the zombie holds a batch most of the time
+    refusals: list[dict[str, Any]] = []
+    for _ in range(4):
+        joins = zombie_log.read_text().count("partitions assigned")
+        zombie.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(14.0)  # session_timeout_ms is 10 s: the group moves on without it
+        zombie.send_signal(signal.SIGCONT)
+        # Awake: it commits what it held (refused), or finds itself out of the group.
+        await until(
+            lambda: zombie_log.read_text().count("partitions assigned") > joins,  # noqa: B023
+            "the zombie to rejoin the group",
+            60,
+        )
+        refusals = [
+            line
+            for line in json_lines(zombie_log)
+            if line.get("event", "").startswith(("fenced by the group", "transaction aborted"))
+        ]
+        if refusals or sender.done():
+            break
     await sender
     replies = await scenario.replies(expect=len(requests), timeout=180)
     await check_exactly_once(pg, scenario.schema, replies, requests)
     assert zombie.poll() is None, "the woken zombie must rejoin, not crash:\n" + scenario.logs()
+    assert refusals, "the zombie never had a batch in flight to be refused:\n" + scenario.logs()
+    # Refused by the group coordinator (KIP-447: it holds an old generation), or, when
+    # paused inside its transaction, by the transaction coordinator (open too long).
+    assert all(
+        "ILLEGAL_GENERATION" in r["error"]
+        or "UNKNOWN_MEMBER_ID" in r["error"]
+        or "transaction.timeout.ms" in r["error"]
+        for r in refusals
+    ), refusals
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a worker's log (other lines, if any, skipped)."""
+    lines = []
+    for text in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            value = json.loads(text)
+            if isinstance(value, dict):
+                lines.append(value)
+    return lines
+
+
+async def test_two_live_workers_with_one_worker_id_stop_loudly(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """A misconfiguration: two live workers share PROCESSOR_WORKER_ID, so each start of a
+    producer fences the other. They must not carry on silently: at least one stops with
+    exit status 2 and one line naming PROCESSOR_WORKER_ID; nothing is lost or doubled."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 20)")
+    requests = updates(range(1, 21), 60, scenario.run)
+    first = scenario.start_worker("twin")
+    second = scenario.start_worker("twin")
+    sender = asyncio.create_task(scenario.send(requests, rate=300))
+    await until(lambda: first.poll() is not None or second.poll() is not None, "an exit", 180)
+    stopped = first if first.poll() is not None else second
+    assert stopped.returncode == 2, scenario.logs()
+    said = (scenario.tmp / f"worker-{scenario.workers.index(stopped)}.log").read_text()
+    assert "another live worker uses it. Give every worker its own PROCESSOR_WORKER_ID" in said
+    await sender
+    scenario.start_worker("fixed")  # the operator gives the next one its own id
+    replies = await scenario.replies(expect=len(requests), timeout=180)
+    await check_exactly_once(pg, scenario.schema, replies, requests)

@@ -22,7 +22,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from processor import kafka
-from tests.integration.harness import Scenario, check_exactly_once, updates
+from tests.integration.harness import Scenario, check_exactly_once, json_log_lines, updates
 from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
@@ -102,6 +102,9 @@ async def test_kafka_broker_kill_and_restart_mid_stream_needs_no_operator(
     await asyncio.to_thread(_stack, "up")
     await scenario.send(requests[len(requests) // 2 :], rate=400)
     await _check(scenario, requests)
+    # aiokafka's retries while the broker was away: JSON lines too, none above info
+    lines = json_log_lines(scenario.tmp / "worker-0.log")
+    assert all(line["level"] == "info" for line in lines if line.get("client_event"))
 
 
 async def test_committed_offsets_read_right_after_a_broker_restart_are_the_committed_ones(

@@ -189,6 +189,42 @@ async def test_a_commit_that_fails_twice_is_retried_with_a_new_producer_and_land
     await check_exactly_once(pg, scenario.schema, replies, requests)
 
 
+async def test_a_commit_whose_answer_was_lost_is_not_published_twice(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """What the chaos run found after a broker kill -9: the broker took a commit (EndTxn
+    written) and the answer never came back. The retry reads the committed offsets first
+    and does not publish the batch again: one reply each."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 10)")
+    requests = updates(range(1, 11), 5, scenario.run)
+    lost = 0
+
+    def answer_lost(commit: Commit) -> Commit:
+        async def committed_then_timeout(
+            records: Sequence[OutRecord],
+            offsets: Mapping[TopicPartition, int],
+            group: kip447.GroupMetadata,
+        ) -> None:
+            nonlocal lost
+            await commit(records, offsets, group)
+            if lost == 0 and records:
+                lost += 1
+                raise TimeoutError("injected: the broker's answer was lost")
+
+        return committed_then_timeout
+
+    async with running(scenario) as (worker, wrapped):
+        wrapped.commit_hook = answer_lost
+        await scenario.send(requests)
+        replies = await scenario.replies(expect=len(requests))
+        retries = worker.metrics.registry.get_sample_value(
+            "processor_retries_total", {"cause": "kafka"}
+        )
+    assert lost == 1
+    assert retries == 1
+    await check_exactly_once(pg, scenario.schema, replies, requests)
+
+
 async def test_offsets_of_another_generation_are_refused_and_the_batch_is_redone(
     scenario: Scenario, pg: asyncpg.Connection
 ) -> None:

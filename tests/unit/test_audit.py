@@ -22,6 +22,7 @@ from processor.audit import (
     RequestRecord,
     Write,
     check_chain,
+    judge_chain,
     ledger_row_problems,
     parse_offsets,
     read_reply,
@@ -146,6 +147,58 @@ def test_the_auditor_reports_out_of_order_chains_by_name() -> None:
     assert report.found() == {OUT_OF_ORDER_APPLICATION}
     assert report.count(OUT_OF_ORDER_APPLICATION) == 1
     assert report.examples[OUT_OF_ORDER_APPLICATION][0]["request_id"] == "b"
+
+
+def other(rid: str, prior: str | None, new: str | None, minute: int = 0) -> Write:
+    """A write of a request the audit was not asked about (another request topic)."""
+    return Write(rid, prior, new, T0 + timedelta(minutes=minute), audited=False)
+
+
+def test_the_chain_starts_at_the_first_audited_write_whatever_came_before() -> None:
+    # Another topic's traffic, then a reset by plain SQL (7), then the audited requests.
+    writes = [
+        other("x", "1", "2"),
+        other("y", "2", "3", 1),
+        w("a", "7", "8", 2),
+        w("b", "8", "9", 3),
+    ]
+    assert judge_chain("counter", "1", writes) == ([], 0)
+
+
+def test_a_break_between_other_requests_writes_is_counted_not_reported() -> None:
+    # a -> (outside write) -> x over an unknown version -> y: the gap is x's.
+    writes = [w("a", "1", "2"), other("x", "5", "6", 1), other("y", "6", "7", 2)]
+    assert judge_chain("counter", "1", writes) == ([], 1)
+
+
+def test_a_break_at_an_audited_write_is_reported_whoever_wrote_around_it() -> None:
+    gap = [w("a", "1", "2"), other("x", "2", "3", 1), w("b", "5", "6", 2)]
+    ((found,), _) = judge_chain("counter", "1", gap)
+    assert (found.kind, found.request_id) == (BROKEN_VERSION_CHAIN, "b")
+    assert "gap" in found.detail
+    # A fork where the other side is another topic's write: a lost update all the same.
+    fork = [w("a", "1", "2"), other("x", "2", "3", 1), w("b", "2", "4", 2)]
+    ((found,), _) = judge_chain("counter", "1", fork)
+    assert (found.kind, found.request_id) == (BROKEN_VERSION_CHAIN, "b")
+    assert "request x" in found.detail
+
+
+def test_a_record_without_an_audited_write_is_not_judged() -> None:
+    assert judge_chain("counter", "1", [other("x", "1", "2"), other("y", "7", "8", 1)]) == ([], 0)
+
+
+def test_chain_details_do_not_repeat_the_guilty_request_and_show_deletes() -> None:
+    (found,) = check_chain("acct", "1", [w("a", "1", "2"), w("b", "7", "8", 1)])
+    assert found.request_id == "b"
+    assert "request b" not in found.detail
+    assert "request a" in found.detail
+    (found,) = check_chain(
+        "acct", "1", [w("a", "1", "2"), w("b", "2", "3", 1), w("c", "2", "4", 2)]
+    )
+    assert found.request_id == "c"
+    assert "request c" not in found.detail
+    (found,) = check_chain("acct", "1", [w("a", "1", None), w("a", "1", None)])
+    assert "again 1 -> deleted" in found.detail
 
 
 # -- ledger rows -------------------------------------------------------------------------------
@@ -473,3 +526,70 @@ def test_offsets_specs() -> None:
     for bad in ("x", "0:20-10", "5", "-1:0-1"):
         with pytest.raises(ConfigError):
             parse_offsets(bad)
+
+
+def _report(**changes: Any) -> Any:
+    from processor.audit import AuditReport
+
+    base: dict[str, Any] = {
+        "scope": {
+            "request_topic": "requests",
+            "range": "everything: p0 0-1",
+            "reply_topics": ["replies"],
+            "dlq_topic": "requests.dlq",
+            "ledger": "processor.request_ledger",
+            "group": "processor",
+            "replayed_groups": ["replay-1"],
+            "accept_republished": False,
+        },
+        "counts": {},
+        "outcomes": {"success/delete": 1},
+        "fault_codes": {},
+        "anomalies": {MISSING_REPLY: 1},
+        "examples": {
+            MISSING_REPLY: [{"kind": MISSING_REPLY, "detail": "0 of 1 replies", "request_id": "r1"}]
+        },
+        "coverage": {"judged": ["1 request record of requests"], "not_judged": []},
+    }
+    base.update(changes)
+    return AuditReport(**base)
+
+
+def test_the_summary_spells_out_what_is_expected_and_counts_in_words() -> None:
+    text = _report().render()
+    assert text.startswith("processor audit: FAILED, 1 anomaly\n")
+    assert (
+        "expected      1 reply per request record (its processing by consumer group processor), "
+        "+ 1 per replay by replay-1 that has passed the record (a republished copy)"
+    ) in text
+    assert "\njudged:\n  - 1 request record of requests\nnot judged: nothing\n" in text
+    assert "    - request r1: 0 of 1 replies" in text
+    assert "passes" not in text
+
+
+def test_a_history_renders_deletes_and_reply_counts_and_only_its_own_anomalies() -> None:
+    entry = {"at": "t1", "request_id": "d1", "type": "delete", "outcome": "success"}
+    history = [
+        {
+            "entity": "acct",
+            "id": "1",
+            "chain": "ok",
+            "entries": [
+                {**entry, "prior": "5", "new": None, "source": "0:3", "replies": 1},
+                {**entry, "request_id": "u1", "type": "update", "replies": 2, "source": "0:1"},
+            ],
+        }
+    ]
+    report = _report(history=history)
+    assert report.history_ok
+    assert not report.ok
+    text = report.render()
+    assert text.startswith("processor audit: history: no anomaly in it, 1 record, 2 entries\n")
+    assert "d1 delete success 5 -> deleted (source 0:3, 1 reply)" in text
+    assert "(source 0:1, 2 replies)" in text
+    assert "1 anomaly outside this history" in text
+    mine = {"kind": MISSING_REPLY, "detail": "0 of 1 replies", "request_id": "u1"}
+    report = _report(history=history, history_anomalies=[mine])
+    assert not report.history_ok
+    assert "history: 1 anomaly in it" in report.render()
+    assert "no other anomaly" in report.render()

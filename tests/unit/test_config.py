@@ -38,6 +38,7 @@ def test_a_flag_wins_over_the_environment() -> None:
         ("DATABASE_URL", "mysql://x", "postgresql://"),
         ("PROCESSOR_LEDGER_SCHEMA", 'x"; drop', "identifier"),
         ("PROCESSOR_LOG_LEVEL", "loud", "PROCESSOR_LOG_LEVEL"),
+        ("PROCESSOR_LOG_FORMAT", "xml", "PROCESSOR_LOG_FORMAT='xml': unknown format"),
     ],
 )
 def test_a_bad_value_is_a_config_error_naming_the_variable(

@@ -129,3 +129,59 @@ def test_bounded_keeps_printable_text_and_marks_what_it_cut() -> None:
     cut = bounded("y" * 10_000)
     assert len(cut) == MAX_FAULT_MESSAGE
     assert cut.endswith("... (10000 characters)")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"not json",
+        b'{"type":"update"}',  # JSON, but no request_id in it
+        b'{"type":"delete","request_id":"\x80","entity":"acct","id":1}',  # bad UTF-8
+        b'{"type":"delete","request_id":"","entity":"acct","id":1}',  # an id the contract refuses
+        None,  # a tombstone
+    ],
+)
+def test_an_unreadable_message_is_addressed_by_its_request_id_header(value: bytes | None) -> None:
+    """The README lets producers set a `request_id` header; when the body has no readable
+    request_id the header addresses the fault reply (and names the dead letter)."""
+    msg = Msg(value, headers=[("traceparent", b"00-abc-def-01"), ("request_id", b"hdr-1")])
+    item = admit(msg, max_bytes=10_000, now=NOW)
+    assert isinstance(item, Rejected)
+    assert item.request_id == "hdr-1"
+    records = rejected_records(item, reply_topic="replies", dlq_topic="dlq", now=NOW)
+    assert [r.topic for r in records] == ["replies", "dlq"]
+    assert records[0].headers == [("request_id", b"hdr-1"), ("traceparent", b"00-abc-def-01")]
+    reply = msgspec.json.decode(records[0].value, type=Reply)
+    assert (reply.request_id, reply.status) == ("hdr-1", "fault")
+    assert reply.fault is not None
+    assert reply.fault.code == item.fault.code
+    assert msgspec.json.decode(records[1].value, type=DeadLetter).request_id == "hdr-1"
+
+
+def test_a_readable_request_id_in_the_body_wins_over_the_header() -> None:
+    value = b'{"type":"update","request_id":"body-1","entity":"acct","id":true}'
+    item = admit(Msg(value, headers=[("request_id", b"hdr-1")]), max_bytes=10_000, now=NOW)
+    assert isinstance(item, Rejected)
+    assert item.request_id == "body-1"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"", b"a\x00b", b"x" * 129, b"\xff\xfe", None],
+    ids=["empty", "nul", "129-chars", "bad-utf8", "null"],
+)
+@pytest.mark.parametrize("value", [b"not json", b"x" * 20_000, None], ids=["bad", "big", "none"])
+def test_a_request_id_header_the_contract_would_refuse_addresses_nothing(
+    header: bytes | None, value: bytes | None
+) -> None:
+    item = admit(
+        Msg(value, headers=[("request_id", header)]),  # type: ignore[list-item]
+        max_bytes=10_000,
+        now=NOW,
+    )
+    assert isinstance(item, Rejected)
+    assert item.request_id is None
+    assert item.reply is None
+    records = rejected_records(item, reply_topic="replies", dlq_topic="dlq", now=NOW)
+    assert [r.topic for r in records] == ["dlq"]
+    assert msgspec.json.decode(records[0].value, type=DeadLetter).request_id is None

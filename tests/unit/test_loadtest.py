@@ -136,38 +136,141 @@ def test_bad_options_are_configuration_errors(changes: dict[str, Any]) -> None:
         LoadOptions(**changes).validate()
 
 
-async def test_the_command_exits_1_loudly_when_an_invariant_breaks(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    result: dict[str, Any] = {
-        "elapsed_s": 1.0,
+def fake_result(ok: bool = True) -> dict[str, Any]:
+    return {
+        "elapsed_s": 1.04,
         "ops": 1,
-        "requests": 2,
-        "request_ids": 2,
-        "replies": 2,
-        "conflicts": 0,
-        "throughput": {"ops_per_s": 1.0, "requests_per_s": 2.0, "increments_per_s": 1.0},
-        "latency_ms": {"op": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "max": 1.0, "mean": 1.0}},
+        "requests": 1234,
+        "request_ids": 1230,
+        "replies": 1234,
+        "conflicts": 5678,
+        "throughput": {"ops_per_s": 1.0, "requests_per_s": 1234.0, "increments_per_s": 1.0},
+        "latency_ms": {
+            "op": {"p50": 1.0, "p90": 2.5, "p99": 10412.34, "max": 12000.0, "mean": 1.0}
+        },
         "outcomes": {"increment.ok": 1},
         "invariants": {
-            "ok": False,
-            "checks": [{"name": "counters == successful increments", "ok": False, "detail": "x"}],
+            "ok": ok,
+            "checks": [
+                {"name": "counters == successful increments", "ok": ok, "detail": "x"},
+            ],
         },
-        "options": {},
+        "rows": {"table": "demo.counter", "first": 1, "last": 5100, "kept": False},
+        "options": {"mode": "closed", "clients": 2, "rows": 1, "skew": 0, "duration": 1.0},
         "timeline": [],
         "samples": [],
     }
 
+
+def loadtest_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    lt.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def fake_run(monkeypatch: pytest.MonkeyPatch, result: dict[str, Any]) -> list[LoadOptions]:
+    runs: list[LoadOptions] = []
+
     async def fake(settings: Settings, opts: LoadOptions) -> dict[str, Any]:
+        runs.append(opts)
         return result
 
     monkeypatch.setattr(lt, "run_loadtest", fake)
-    parser = argparse.ArgumentParser()
-    lt.add_arguments(parser)
-    args = parser.parse_args(["--json", str(tmp_path / "r.json"), "--no-plot", "--skew", "max"])
+    return runs
+
+
+async def test_the_command_exits_1_loudly_when_an_invariant_breaks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(monkeypatch, fake_result(ok=False))
+    args = loadtest_args("--json", str(tmp_path / "r.json"), "--no-plot", "--skew", "max")
     assert args.skew == math.inf
     assert await lt.run_from_args(Settings(), args) == 1
     out = capsys.readouterr()
     assert "BROKEN counters == successful increments" in out.out
     assert "LOADTEST FAILED" in out.err
     assert msgspec.json.decode((tmp_path / "r.json").read_bytes())["invariants"]["ok"] is False
+
+
+async def test_the_command_writes_no_file_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(monkeypatch, fake_result())
+    monkeypatch.chdir(tmp_path)
+    assert await lt.run_from_args(Settings(), loadtest_args()) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "written" not in capsys.readouterr().out
+
+
+async def test_the_outputs_go_where_asked_and_a_directory_gets_the_default_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(monkeypatch, fake_result())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert await lt.run_from_args(Settings(), loadtest_args("--json", "out", "--plot", "out")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["loadtest.json", "loadtest.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    printed = capsys.readouterr().out
+    assert f"result written to {out / 'loadtest.json'}" in printed
+    assert f"plot written to {out / 'loadtest.png'}" in printed
+
+
+async def test_an_output_in_a_missing_directory_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    runs = fake_run(monkeypatch, fake_result())
+    with pytest.raises(ConfigError, match=r"--json .*the directory .*nowhere does not exist"):
+        await lt.run_from_args(Settings(), loadtest_args("--json", str(tmp_path / "nowhere/r")))
+    assert runs == []
+
+
+def test_the_summary_formats_numbers_alike() -> None:
+    text = lt.summary(fake_result())
+    assert text.startswith(
+        "elapsed 1.0 s: 1 operation, 1,234 requests (1,230 request_ids, 4 resent), "
+        "1,234 replies received\n"
+    )
+    assert "throughput: 1.0 operations/s, 1,234.0 requests/s, 1.0 increments/s" in text
+    assert "  operation         1.0       2.5  10,412.3  12,000.0" in text
+    assert "conflicts (version mismatches retried): 5,678" in text
+    assert "rows 1-5,100 of demo.counter: deleted after the checks (--keep-rows keeps them)" in text
+
+
+def test_the_plot_reads_in_milliseconds_and_leaves_the_drain_out_of_the_throughput() -> None:
+    result = fake_result()
+    result["elapsed_s"] = 2.3
+    result["options"]["duration"] = 2.0
+    result["timeline"] = [
+        {
+            "t": t,
+            "span_s": span,
+            "drain": t >= 2,
+            "ops": ops,
+            "requests": ops,
+            "conflicts": 0,
+            "ops_per_s": ops / span,
+            "requests_per_s": ops / span,
+            "conflicts_per_s": 0.0,
+            "p50_ms": 12.0,
+            "p99_ms": 950.0,
+        }
+        for t, span, ops in ((0, 1.0, 100), (1, 1.0, 100), (2, 0.3, 5))
+    ]
+    result["samples"] = [[0.5, 12.0], [1.5, 950.0], [2.2, 20.0]]
+    fig = lt.figure(result)
+    top, bottom = fig.axes
+    ticks = top.yaxis.get_major_formatter()
+    assert [ticks(v, 0) for v in (1, 10, 100, 1000, 10000)] == [
+        "1",
+        "10",
+        "100",
+        "1,000",
+        "10,000",
+    ]
+    for line in bottom.get_lines():
+        xs = list(line.get_xdata())
+        if line.get_label() in ("operations/s", "requests/s"):
+            assert max(xs) < 2.0  # the drain bucket (2.0-2.3 s, 5 ops) is not a point
+            assert list(line.get_ydata()) == [100.0, 100.0]
