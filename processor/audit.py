@@ -997,7 +997,8 @@ class Auditor:
 
     def ledger_ids(self) -> list[str]:
         """The request_ids whose ledger rows the audit needs."""
-        return list(self.by_id.keys() | self.replies.keys())
+        inner = {i for recs in self.by_id.values() for r in recs for i in r.inner_ids}
+        return list(self.by_id.keys() | self.replies.keys() | inner)
 
     def add_ledger_row(self, row: LedgerEntry) -> None:
         source = None
@@ -1052,7 +1053,11 @@ class Auditor:
             problem = f"its source offset holds request {rec.request_id!r}"
         elif not rec.admitted:
             problem = "its source record was rejected at intake"
-        elif fingerprint is not None and rec.fingerprint != fingerprint:
+        elif (
+            fingerprint is not None
+            and rec.request_id == request_id
+            and rec.fingerprint != fingerprint
+        ):
             problem = "its fingerprint differs from the request at its source offset"
         if problem:
             self.report(Anomaly(LEDGER_MISMATCH, f"ledger row: {problem}", request_id, where=where))
