@@ -80,7 +80,14 @@ from processor.chaos import (
 )
 from processor.client import Client, new_request_id
 from processor.config import Settings
-from processor.contract import DeleteRequest, Reply, Request, RetrieveRequest, UpdateRequest
+from processor.contract import (
+    DeleteRequest,
+    Reply,
+    Request,
+    RetrieveRequest,
+    UpdateRequest,
+    request_key,
+)
 from processor.demo import DEFAULT_REGISTRY, install_demo
 from processor.errors import (
     ConcurrencyVersionMismatch,
@@ -619,7 +626,7 @@ class Load:
         self.replies += 1
         self.per_second[int(now - self.t0)] += 1
         if self._watch is not None and now >= self._watch_since:
-            partition = self.partition_of(f"{request.entity}:{request.id}".encode())
+            partition = self.partition_of(request_key(request))
             self._watch.setdefault(partition, now)
             if len(self._watch) >= self.cfg.partitions:
                 self._complete.set()

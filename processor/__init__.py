@@ -1,18 +1,24 @@
 """Kafka -> PostgreSQL request processor with Dataverse-style optimistic concurrency.
 
 The public API is small: the wire contract, the fault tree, the registry, the engine, the
-settings and the producer client (:class:`Client`). Everything else (worker, intake, Kafka
-and database plumbing) is reached through the ``processor`` command.
+settings and the producer client (:class:`Client`, and its :class:`ServiceContext`).
+Everything else (worker, intake, Kafka and database plumbing) is reached through the
+``processor`` command.
 """
 
 from processor.client import Client
 from processor.config import Settings
+from processor.context import ServiceContext
 from processor.contract import (
     DeadLetter,
     DeleteRequest,
+    EntityMetadata,
+    ExecuteMultipleRequest,
+    ExecuteTransactionRequest,
     FaultDetail,
     Reply,
     Request,
+    RetrieveEntityRequest,
     RetrieveRequest,
     UpdateRequest,
     decode_request,
@@ -53,8 +59,11 @@ __all__ = [
     "DeleteRequest",
     "DuplicateRequest",
     "Engine",
+    "EntityMetadata",
     "EntityNotFound",
     "Envelope",
+    "ExecuteMultipleRequest",
+    "ExecuteTransactionRequest",
     "Fault",
     "FaultDetail",
     "InvalidArgument",
@@ -69,7 +78,9 @@ __all__ = [
     "Request",
     "RequestExpired",
     "RequestTooLarge",
+    "RetrieveEntityRequest",
     "RetrieveRequest",
+    "ServiceContext",
     "ServiceUnreachable",
     "Settings",
     "Source",

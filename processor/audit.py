@@ -480,6 +480,9 @@ class RequestRecord:
     type: str | None = None
     entity: str | None = None  # kept only for the history's entity
     record_id: str | None = None
+    reply_partition: int | None = None
+    #: An execute request's inner request_ids: ledgered under their own ids, at its offset.
+    inner_ids: frozenset[str] = frozenset()
 
 
 def read_request(message: Message, timestamp: int, *, max_bytes: int) -> RequestRecord:
@@ -496,8 +499,10 @@ def read_request(message: Message, timestamp: int, *, max_bytes: int) -> Request
             fingerprint=item.fingerprint,
             reply_to=req.reply_to,
             type=req.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=req.entity,
-            record_id=str(req.id),
+            entity=getattr(req, "entity", ""),  # execute requests have none
+            record_id=str(getattr(req, "id", "")),
+            reply_partition=req.reply_partition,
+            inner_ids=frozenset(r.request_id for r in getattr(req, "requests", ())),
         )
     return RequestRecord(
         message.partition,
@@ -631,8 +636,9 @@ def ledger_row_problems(row: LedgerEntry) -> list[str]:
         ("status", row.status, reply.status),
         ("fault_code", row.fault_code, code),
         ("type", row.type, reply.type),
-        ("entity", row.entity, reply.entity),
-        ("record_id", row.record_id, None if reply.id is None else str(reply.id)),
+        # An execute request has neither (its ledger row: ""), retrieve_entity no id.
+        ("entity", row.entity, reply.entity or ""),
+        ("record_id", row.record_id, "" if reply.id is None else str(reply.id)),
     ):
         if stored != in_reply:
             problems.append(f"{name} is {stored!r} but the reply says {in_reply!r}")
@@ -991,7 +997,8 @@ class Auditor:
 
     def ledger_ids(self) -> list[str]:
         """The request_ids whose ledger rows the audit needs."""
-        return list(self.by_id.keys() | self.replies.keys())
+        inner = {i for recs in self.by_id.values() for r in recs for i in r.inner_ids}
+        return list(self.by_id.keys() | self.replies.keys() | inner)
 
     def add_ledger_row(self, row: LedgerEntry) -> None:
         source = None
@@ -1042,11 +1049,15 @@ class Auditor:
         problem = None
         if rec is None:
             problem = "its source offset holds no request record"
-        elif rec.request_id != request_id:
+        elif rec.request_id != request_id and request_id not in rec.inner_ids:
             problem = f"its source offset holds request {rec.request_id!r}"
         elif not rec.admitted:
             problem = "its source record was rejected at intake"
-        elif fingerprint is not None and rec.fingerprint != fingerprint:
+        elif (
+            fingerprint is not None
+            and rec.request_id == request_id
+            and rec.fingerprint != fingerprint
+        ):
             problem = "its fingerprint differs from the request at its source offset"
         if problem:
             self.report(Anomaly(LEDGER_MISMATCH, f"ledger row: {problem}", request_id, where=where))
@@ -1119,7 +1130,7 @@ class Auditor:
         ledger = self.ledger.get(rid)
         admitted = [r for r in recs if r.admitted]
         intake_rejects = any(not r.admitted for r in recs)
-        names_reply_to = any(r.reply_to for r in admitted)
+        names_reply_to = any(r.reply_to or r.reply_partition is not None for r in admitted)
         self.counts["replies"] += len(copies)
 
         def not_ledgered(c: ReplyCopy) -> bool:
@@ -1131,7 +1142,8 @@ class Auditor:
             if c.fault_code == _UNEXPECTED:
                 return bool(admitted)
             if c.fault_code in _INTAKE_CODES:
-                return names_reply_to if c.fault_path == "reply_to" else intake_rejects
+                routed = c.fault_path in ("reply_to", "reply_partition")
+                return names_reply_to if routed else intake_rejects
             return False
 
         # Two different applications of one request.

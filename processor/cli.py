@@ -38,7 +38,7 @@ __all__ = [
 COMMANDS: Final = frozenset(
     {
         *("run", "migrate", "topics", "demo", "prune-ledger", "schemas", "send", "loadtest"),
-        *("audit", "grants"),
+        *("audit", "grants", "entities"),
     }
 )
 
@@ -215,6 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     grants.add_argument("--role", required=True, help="the role to grant to (must exist)")
     grants.add_argument("--prune", action="store_true", help="the prune-ledger role's grants")
     grants.add_argument("--apply", action="store_true", help="execute them, then check")
+    entities = command(
+        "entities",
+        "print the registry's entities as the workers answer retrieve_entity",
+        "Load the registry (PROCESSOR_ENTITIES), validate it against the database, and print "
+        "each entity's metadata: optimistic concurrency, the default behaviour, the row "
+        "version, the key and the writable attributes.",
+    )
+    entities.add_argument("--json", action="store_true", help="one JSON array of EntityMetadata")
     schemas = command(
         "schemas",
         "write schemas/ from the code (--check: diff only)",
@@ -389,6 +397,26 @@ def _request_object(raw: str) -> dict[str, Any]:
     return fields
 
 
+async def _entities(settings: Settings, as_json: bool) -> int:
+    from processor.db import connect
+    from processor.metadata import entity_metadata, render_table
+    from processor.registry import load_registry
+
+    settings.require("entities", "database_url")
+    assert settings.entities is not None
+    conn = await connect(settings, timeouts=True)
+    try:
+        registry = await load_registry(conn, settings.entities)
+    finally:
+        await conn.close()
+    metadata = [entity_metadata(e) for e in registry.entities.values()]
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(metadata)).decode())
+    else:
+        print(render_table(metadata))
+    return 0
+
+
 def _checked_request(raw: str, reply_topic: str) -> Request:
     """The request, checked as a worker decodes it (not against the registry)."""
     fields = _request_object(raw)
@@ -540,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadtest": lambda: _loadtest(settings, args),
             "audit": lambda: _audit(settings, args),
             "grants": lambda: _grants(settings, args),
+            "entities": lambda: _entities(settings, args.json),
         }[command]()
         return asyncio.run(_explained(settings, coro))
     except ConfigError as exc:

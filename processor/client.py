@@ -20,10 +20,22 @@ request (``exc.request``, or the same ``request_id``) is safe, since the workers
 answers a known request_id with its stored reply and applies nothing again.
 
 One client serves any number of concurrent callers: one producer, and one reply consumer
-(no group, ``read_committed``, every partition of the reply topic, from its end) that
-hands each reply to the caller waiting for its ``request_id``. ``reply_topic`` must be the
-topic the workers reply on (their ``PROCESSOR_REPLY_TOPIC``); every client reads all of
-it, so it suits producer services, not thousands of short-lived processes.
+(``read_committed``, from the reply topic's end) that hands each reply to the caller
+waiting for its ``request_id``. Every request is stamped with ``reply_to`` = the client's
+``reply_topic``. Which partitions of it the client reads:
+
+- by default all of them (every client reads every reply: fine for a few instances);
+- ``reply_partitions=[3]``: only those; each request is stamped with one of them
+  (``reply_partition``), so the workers publish its reply there;
+- ``reply_group="billing"``: the partitions the client's own consumer group on the reply
+  topic assigns it (one group per service: its instances share the topic's partitions).
+  ``start()`` returns once the client owns partitions, so no reply can be published to a
+  partition nobody reads yet. When the group rebalances, each request whose reply
+  partition moved to another instance is resent with the same request_id to a partition
+  the client now owns: the workers' ledger answers it with the stored reply (published to
+  the new partition) and applies nothing again.
+
+An instance reading only its own partitions reads ~1/N of the replies of N instances.
 """
 
 from __future__ import annotations
@@ -36,21 +48,27 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias
 
 import msgspec
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from processor import kafka
 from processor.contract import (
     Behavior,
     DeleteRequest,
+    EntityMetadata,
+    ExecuteMultipleRequest,
+    ExecuteTransactionRequest,
     RelatedEntity,
     Reply,
     Request,
+    RetrieveEntityRequest,
     RetrieveRequest,
+    RowRequest,
     UpdateRequest,
+    request_key,
 )
 from processor.errors import (
     FAULT_TYPES,
@@ -63,6 +81,9 @@ from processor.errors import (
     UnexpectedError,
 )
 from processor.log import get_logger
+
+if TYPE_CHECKING:
+    from processor.context import ServiceContext
 
 __all__ = ["Client", "Observer", "fault_of", "new_request_id", "raise_for_fault"]
 
@@ -95,6 +116,11 @@ def fault_of(reply: Reply) -> Fault:
             path=detail.path,
         )
     fault.reply = reply
+    fault.request_index = (
+        reply.faulted_request_index
+        if reply.faulted_request_index is not None
+        else reply.request_index
+    )
     return fault
 
 
@@ -116,9 +142,25 @@ class Client:
         reply_topic: str = "replies",
         timeout: float = 30.0,
         observer: Observer | None = None,
+        reply_partitions: Sequence[int] | None = None,
+        reply_group: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if reply_partitions is not None and reply_group is not None:
+            raise ValueError("reply_partitions and reply_group exclude each other")
+        if reply_partitions is not None and (
+            not reply_partitions
+            or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in reply_partitions)
+        ):
+            raise ValueError(
+                f"reply_partitions must be partition numbers, got {reply_partitions!r}"
+            )
+        if reply_group is not None and not reply_group:
+            raise ValueError("reply_group must not be empty")
+        #: Fixed reply partitions (None: all of them, or the group's assignment).
+        self.reply_partitions = sorted(set(reply_partitions)) if reply_partitions else None
+        self.reply_group = reply_group
         #: How the client reaches the brokers (a plain string: PLAINTEXT to that list).
         self.access = (
             bootstrap if isinstance(bootstrap, kafka.KafkaAccess) else kafka.KafkaAccess(bootstrap)
@@ -137,6 +179,18 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, list[asyncio.Future[Reply]]] = {}
         self._broken: ProcessorError | None = None
+        #: The reply partitions this client reads now.
+        self.owned: frozenset[int] = frozenset()
+        self._owns = asyncio.Event()  # set while ``owned`` is not empty
+        #: Requests awaiting a reply as last sent (stamped), by request_id: resent when
+        #: their reply partition moves to another member of the group.
+        self._sent: dict[str, Request] = {}
+        self._turn = 0
+        self._background: set[asyncio.Task[None]] = set()
+        #: Reply records this client has read (its own and others'), and requests resent
+        #: after a rebalance moved their reply partition.
+        self.replies_read = 0
+        self.resent = 0
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -164,29 +218,114 @@ class Client:
         if self._producer is not None:
             raise RuntimeError("client already started")
         producer = kafka.make_producer(self.access)
-        consumer = kafka.make_consumer(self.access, None, auto_offset_reset="latest")
+        consumer = kafka.make_consumer(self.access, self.reply_group, auto_offset_reset="latest")
         try:
             await asyncio.wait_for(producer.start(), kafka.CALL_TIMEOUT)
-            await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
             await _partitions(producer, self.request_topic)
-            tps = [
-                TopicPartition(self.reply_topic, p)
-                for p in sorted(await _partitions(producer, self.reply_topic))
-            ]
+            existing = sorted(await _partitions(producer, self.reply_topic))
+            missing = sorted(set(self.reply_partitions or ()) - set(existing))
+            if missing:
+                raise ConfigError(
+                    f"reply_partitions {missing} do not exist: topic {self.reply_topic!r} has "
+                    f"{len(existing)} partitions"
+                )
+            if self.reply_group is not None:
+                self._producer, self._consumer = producer, consumer
+                consumer.subscribe([self.reply_topic], listener=_ReplyRebalance(self))
+                await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+                # The group assigns partitions in the background; a reader must poll.
+                self._reader = asyncio.create_task(self._read(), name="processor-client-replies")
+                await self._await_partitions()
+                return
+            await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+            parts = self.reply_partitions or existing
+            tps = [TopicPartition(self.reply_topic, p) for p in parts]
             consumer.assign(tps)
             await asyncio.wait_for(consumer.seek_to_end(*tps), kafka.CALL_TIMEOUT)
             positions = {
                 tp: await asyncio.wait_for(consumer.position(tp), kafka.CALL_TIMEOUT) for tp in tps
             }
         except KafkaConnectionError as exc:  # aiokafka logs the cause, raises "Unable to ..."
-            await _stop(producer, consumer)
+            await self._abort_start(producer, consumer)
             raise await kafka.explain_unreachable(self.access, exc) from exc
         except BaseException:
-            await _stop(producer, consumer)
+            await self._abort_start(producer, consumer)
             raise
         self._producer, self._consumer = producer, consumer
         self.start_positions = positions
+        self.owned = frozenset(parts)
+        self._owns.set()
         self._reader = asyncio.create_task(self._read(), name="processor-client-replies")
+
+    async def _abort_start(self, producer: Any, consumer: Any) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._producer = self._consumer = None
+        await _stop(producer, consumer)
+
+    async def _await_partitions(self) -> None:
+        """Until the group gave this client reply partitions (read from their end)."""
+        try:
+            async with asyncio.timeout(max(self.timeout, 30.0)):
+                await self._owns.wait()
+        except TimeoutError:
+            raise ConfigError(
+                f"reply group {self.reply_group!r} assigned no partition of "
+                f"{self.reply_topic!r} in {max(self.timeout, 30.0):g} s (more instances "
+                "than partitions?)"
+            ) from None
+
+    async def adopt(self, assigned: Sequence[TopicPartition]) -> None:
+        """The group's new assignment: read it from its end, then resend what moved."""
+        tps = [tp for tp in assigned if tp.topic == self.reply_topic]
+        consumer = self._consumer
+        if consumer is None:
+            return
+        if tps:
+            await asyncio.wait_for(consumer.seek_to_end(*tps), kafka.CALL_TIMEOUT)
+            for tp in tps:
+                self.start_positions[tp] = await asyncio.wait_for(
+                    consumer.position(tp), kafka.CALL_TIMEOUT
+                )
+        self.owned = frozenset(tp.partition for tp in tps)
+        log.info("reply partitions assigned", partitions=sorted(self.owned))
+        if self.owned:
+            self._owns.set()
+            self._resend_moved()
+
+    def revoke(self) -> None:
+        self.owned = frozenset()
+        self._owns.clear()
+
+    def _resend_moved(self) -> None:
+        for rid, request in list(self._sent.items()):
+            if request.reply_partition is None or request.reply_partition in self.owned:
+                continue
+            moved = msgspec.structs.replace(request, reply_partition=self._pick())
+            self._sent[rid] = moved
+            self.resent += 1
+            task = asyncio.create_task(self._resend(moved), name=f"resend-{rid}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _resend(self, request: Request) -> None:
+        try:
+            await self._produce(request, [("request_id", request.request_id.encode())])
+        except (KafkaError, TimeoutError) as exc:  # the caller's timeout reports it
+            log.warning("resend failed", request_id=request.request_id, error=repr(exc))
+
+    def _pick(self) -> int:
+        owned = sorted(self.owned)
+        self._turn += 1
+        return owned[self._turn % len(owned)]
+
+    async def _produce(self, request: Request, headers: list[tuple[str, bytes]]) -> None:
+        await self._producer.send_and_wait(
+            self.request_topic, _encoder.encode(request), key=request_key(request), headers=headers
+        )
 
     async def close(self) -> None:
         """Stop reading replies (waiting callers get a ProcessorError) and the clients."""
@@ -196,6 +335,8 @@ class Client:
                 await self._reader
             self._reader = None
         self._fail_all(ProcessorError("client closed"))
+        for task in list(self._background):
+            task.cancel()
         await _stop(self._producer, self._consumer)
         self._producer = self._consumer = None
 
@@ -213,18 +354,35 @@ class Client:
             raise self._broken
         if request.reply_to not in (None, self.reply_topic):
             raise ValueError(f"this client reads replies on {self.reply_topic!r} only")
+        if request.reply_partition is not None and (
+            self.reply_partitions is None and self.reply_group is None
+        ):
+            raise ValueError("reply_partition is the client's to stamp (reply_partitions=...)")
         limit = self.timeout if timeout is None else timeout
+        rid = request.request_id
+        headers = [("request_id", rid.encode())]
+        if traceparent:
+            headers.append(("traceparent", traceparent.encode()))
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(rid, []).append(future)  # before sending: a reply can be fast
+        started = time.monotonic()
+        reply: Reply | None = None
         try:
-            reply = await self._exchange(
-                _encoder.encode(request),
-                request_id=request.request_id,
-                key=f"{request.entity}:{request.id}".encode(),
-                timeout=limit,
-                traceparent=traceparent,
-                observed=request,
-            )
+            async with asyncio.timeout(limit):
+                request = await self._stamped(request)
+                self._sent[rid] = request
+                await self._produce(request, headers)
+                reply = await future
         except TimeoutError:
             raise ReplyTimeout(request, limit) from None
+        except KafkaError as exc:
+            raise TransientError(f"cannot send {rid!r} (resending it is safe): {exc!r}") from exc
+        finally:
+            self._forget(rid, future)
+            if rid not in self._pending:
+                self._sent.pop(rid, None)
+            if self.observer is not None:
+                self.observer(request, reply, time.monotonic() - started)
         return reply
 
     async def send_raw(
@@ -241,52 +399,31 @@ class Client:
 
         For tools that want the workers' own verdict on any input (``processor send
         --no-validate``): a reply comes when a worker can read the request_id (from the
-        body, or from the header).
+        body, or from the header). Nothing is stamped: the reply goes where the value says
+        (the workers' default reply topic if it names none), so read that topic.
         """
         if self._producer is None:
             raise RuntimeError("client not started (use `async with Client(...)`)")
         if self._broken is not None:
             raise self._broken
         limit = self.timeout if timeout is None else timeout
-        try:
-            return await self._exchange(
-                value, request_id=request_id, key=key, timeout=limit, traceparent=traceparent
-            )
-        except TimeoutError:
-            return None
-
-    async def _exchange(
-        self,
-        value: bytes,
-        *,
-        request_id: str,
-        key: bytes | None,
-        timeout: float,
-        traceparent: str | None,
-        observed: Request | None = None,
-    ) -> Reply:
-        """Produce one request and wait for its reply; TimeoutError after ``timeout``."""
-        rid = request_id
-        headers = [("request_id", rid.encode())]
+        headers = [("request_id", request_id.encode())]
         if traceparent:
             headers.append(("traceparent", traceparent.encode()))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(rid, []).append(future)  # before sending: a reply can be fast
-        started = time.monotonic()
-        reply: Reply | None = None
+        self._pending.setdefault(request_id, []).append(future)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit):
                 await self._producer.send_and_wait(
                     self.request_topic, value, key=key, headers=headers
                 )
-                reply = await future
-                return reply
+                return await future
+        except TimeoutError:
+            return None
         except KafkaError as exc:
-            raise TransientError(f"cannot send {rid!r} (resending it is safe): {exc!r}") from exc
+            raise TransientError(f"cannot send {request_id!r}: {exc!r}") from exc
         finally:
-            self._forget(rid, future)
-            if self.observer is not None and observed is not None:
-                self.observer(observed, reply, time.monotonic() - started)
+            self._forget(request_id, future)
 
     async def update(
         self,
@@ -398,6 +535,88 @@ class Client:
                 await asyncio.sleep(random.uniform(0, min(1.0, backoff * 2**attempt)))
         raise AssertionError("unreachable")
 
+    async def entity_metadata(
+        self, entity: str, *, request_id: str | None = None, timeout: float | None = None
+    ) -> EntityMetadata:
+        """Dataverse's RetrieveEntityRequest: the entity as the workers' registry has it
+        (is_optimistic_concurrency_enabled, default behaviour, row version, key, attributes).
+        An entity the workers do not know raises :class:`~processor.errors.EntityNotFound`."""
+        request = RetrieveEntityRequest(request_id=request_id or new_request_id(), entity=entity)
+        reply = raise_for_fault(await self.send(request, timeout=timeout))
+        assert reply.entity_metadata is not None
+        return reply.entity_metadata
+
+    async def execute_transaction(
+        self,
+        requests: Sequence[RowRequest],
+        *,
+        return_responses: bool = True,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Dataverse's ExecuteTransactionRequest: ``requests`` in order, all or nothing.
+
+        Returns the success reply (``responses``: each request's reply, in order). A failure
+        applied nothing and raises the failing request's own fault, typed, with
+        ``request_index`` (Dataverse's FaultedRequestIndex).
+        """
+        request = ExecuteTransactionRequest(
+            request_id=request_id or new_request_id(),
+            requests=list(requests),
+            return_responses=return_responses,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout))
+
+    async def execute_multiple(
+        self,
+        requests: Sequence[RowRequest],
+        *,
+        continue_on_error: bool = False,
+        return_responses: bool = True,
+        request_id: str | None = None,
+        expires_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Dataverse's ExecuteMultipleRequest: each request applied on its own, in order.
+
+        The reply's ``responses`` hold each request's reply (or only the faults, without
+        ``return_responses``), each with its ``request_index``; ``is_faulted`` says whether
+        any faulted. Faults inside do not raise: :func:`fault_of` a response gives its
+        typed exception. A fault of the whole (e.g. too large) raises.
+        """
+        request = ExecuteMultipleRequest(
+            request_id=request_id or new_request_id(),
+            requests=list(requests),
+            continue_on_error=continue_on_error,
+            return_responses=return_responses,
+            expires_at=expires_at,
+        )
+        return raise_for_fault(await self.send(request, timeout=timeout))
+
+    def context(
+        self, concurrency_behavior: Behavior = "Default", *, continue_on_error: bool = False
+    ) -> ServiceContext:
+        """A :class:`~processor.context.ServiceContext` (Dataverse's
+        OrganizationServiceContext) on this client: retrieve, record changes, save them."""
+        from processor.context import ServiceContext
+
+        return ServiceContext(
+            self, concurrency_behavior=concurrency_behavior, continue_on_error=continue_on_error
+        )
+
+    async def _stamped(self, request: Request) -> Request:
+        """The request with this client's reply topic, and one of its reply partitions."""
+        fields: dict[str, Any] = {}
+        if request.reply_to is None:
+            fields["reply_to"] = self.reply_topic
+        if self.reply_group is not None or self.reply_partitions is not None:
+            await self._owns.wait()  # a rebalance in progress: until partitions come back
+            if request.reply_partition not in self.owned:
+                fields["reply_partition"] = self._pick()
+        return msgspec.structs.replace(request, **fields) if fields else request
+
     def _forget(self, rid: str, future: asyncio.Future[Reply]) -> None:
         waiters = self._pending.get(rid)
         if waiters is not None:
@@ -424,6 +643,7 @@ class Client:
                     await asyncio.sleep(0.5)
                     continue
                 for records in batch.values():
+                    self.replies_read += len(records)
                     for record in records:
                         self._deliver(record.headers, record.value)
         except asyncio.CancelledError:
@@ -447,6 +667,17 @@ class Client:
         for future in self._pending.pop(reply.request_id, ()):
             if not future.done():
                 future.set_result(reply)
+
+
+class _ReplyRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._client.revoke()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._client.adopt(assigned)
 
 
 async def _partitions(producer: Any, topic: str) -> set[int]:

@@ -157,7 +157,9 @@ class KafkaTransactions:
         await producer.begin_transaction()
         try:
             for r in records:
-                sent = await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
+                sent = await producer.send(
+                    r.topic, r.value, key=r.key, headers=r.headers, partition=r.partition
+                )
                 # The commit reports a failed send; this keeps asyncio from logging it again.
                 sent.add_done_callback(_retrieve)
             await kip447.send_offsets_to_transaction(producer, offsets, group)

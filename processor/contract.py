@@ -18,22 +18,34 @@ from processor.errors import Fault, InvalidArgument
 
 __all__ = [
     "BEHAVIORS",
+    "EXECUTE_TYPES",
+    "MAX_BATCH_REQUESTS",
+    "REQUEST_TYPES",
+    "ROW_REQUEST_TYPES",
+    "AttributeMetadata",
     "Behavior",
     "DeadLetter",
     "DeadLetterHeader",
     "DeleteRequest",
+    "EntityMetadata",
+    "ExecuteMultipleRequest",
+    "ExecuteRequest",
+    "ExecuteTransactionRequest",
     "FaultDetail",
     "RelatedEntity",
     "RelatedVersion",
     "Reply",
     "Request",
+    "RetrieveEntityRequest",
     "RetrieveRequest",
+    "RowRequest",
     "UpdateRequest",
     "behavior_name",
     "decode_request",
     "encode_reply",
     "fault_detail",
     "request_fingerprint",
+    "request_key",
     "salvage",
 ]
 
@@ -107,14 +119,28 @@ class RelatedEntity(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     row_version: RowVersion | None = None
 
 
+#: A partition of the reply topic (``reply_to``, or the workers' default reply topic).
+ReplyPartition: TypeAlias = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=2**31 - 1,
+        description="Partition of the reply topic to publish the reply on (default: by key).",
+    ),
+]
+Expiry: TypeAlias = Annotated[datetime, Meta(tz=True)]
+
+
 class _RequestBase(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    # The field order is part of request_fingerprint (ledgered): append, never reorder.
     request_id: RequestId
     entity: EntityName
     id: RecordId
     row_version: RowVersion | None = None
     concurrency_behavior: BehaviorWire = "Default"
-    expires_at: Annotated[datetime, Meta(tz=True)] | None = None
+    expires_at: Expiry | None = None
     reply_to: TopicName | None = None
+    reply_partition: ReplyPartition | None = None
 
     @property
     def behavior(self) -> Behavior:
@@ -136,7 +162,98 @@ class RetrieveRequest(_RequestBase, frozen=True, tag="retrieve"):
     """Return the row's attributes and its current version token."""
 
 
-Request: TypeAlias = UpdateRequest | DeleteRequest | RetrieveRequest
+#: The requests on one row (plus related rows): what an execute request may contain.
+RowRequest: TypeAlias = UpdateRequest | DeleteRequest | RetrieveRequest
+ROW_REQUEST_TYPES: Final = (UpdateRequest, DeleteRequest, RetrieveRequest)
+
+#: Dataverse's limit on the requests of one ExecuteMultiple / ExecuteTransaction.
+MAX_BATCH_REQUESTS: Final = 1000
+
+
+class _Routed(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    request_id: RequestId
+    expires_at: Expiry | None = None
+    reply_to: TopicName | None = None
+    reply_partition: ReplyPartition | None = None
+
+
+class RetrieveEntityRequest(_Routed, frozen=True, tag="retrieve_entity"):
+    """Dataverse's RetrieveEntityRequest: the entity's metadata from the workers' registry."""
+
+    entity: EntityName
+
+
+BatchRequests: TypeAlias = Annotated[
+    list[RowRequest],
+    Meta(
+        min_length=1,
+        max_length=MAX_BATCH_REQUESTS,
+        description=f"1 to {MAX_BATCH_REQUESTS} update, delete or retrieve requests, applied "
+        "in order. Each has its own request_id (unique, also against the outer one); no "
+        "reply_to or reply_partition of its own; no execute request inside (no nesting).",
+    ),
+]
+
+
+class ExecuteTransactionRequest(_Routed, frozen=True, tag="execute_transaction"):
+    """Dataverse's ExecuteTransactionRequest: the requests in order, all or nothing.
+
+    A failure rolls back every request and faults the whole with ``faulted_request_index``
+    and that request's own fault; on success the replies come back in order.
+    """
+
+    requests: BatchRequests
+    return_responses: bool = True
+
+
+class ExecuteMultipleRequest(_Routed, frozen=True, tag="execute_multiple"):
+    """Dataverse's ExecuteMultipleRequest: each request applied on its own, in order.
+
+    A fault stops the rest unless ``continue_on_error``; the responses are every request's
+    reply (``return_responses``) or only the faults, each with its ``request_index``.
+    """
+
+    requests: BatchRequests
+    continue_on_error: bool = False
+    return_responses: bool = True
+
+
+ExecuteRequest: TypeAlias = ExecuteTransactionRequest | ExecuteMultipleRequest
+EXECUTE_TYPES: Final = (ExecuteTransactionRequest, ExecuteMultipleRequest)
+
+Request: TypeAlias = (
+    UpdateRequest
+    | DeleteRequest
+    | RetrieveRequest
+    | RetrieveEntityRequest
+    | ExecuteTransactionRequest
+    | ExecuteMultipleRequest
+)
+RequestType: TypeAlias = Literal[
+    "update", "delete", "retrieve", "retrieve_entity", "execute_transaction", "execute_multiple"
+]
+#: Every request type, by its ``type`` tag.
+REQUEST_TYPES: Final[tuple[RequestType, ...]] = (
+    "update",
+    "delete",
+    "retrieve",
+    "retrieve_entity",
+    "execute_transaction",
+    "execute_multiple",
+)
+
+
+def request_key(request: Request) -> bytes:
+    """The Kafka key a request is sent with: ``<entity>:<id>`` of its (first) row.
+
+    Kafka keeps a key's requests in one partition, in order; an execute request goes with
+    its first row, a retrieve_entity with ``<entity>:*``.
+    """
+    if isinstance(request, ExecuteTransactionRequest | ExecuteMultipleRequest):
+        request = request.requests[0]
+    if isinstance(request, RetrieveEntityRequest):
+        return f"{request.entity}:*".encode()
+    return f"{request.entity}:{request.id}".encode()
 
 
 class FaultDetail(Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -157,11 +274,34 @@ class RelatedVersion(Struct, frozen=True, kw_only=True):
     row_version: str
 
 
+class AttributeMetadata(Struct, frozen=True, kw_only=True):
+    """A column of an entity: its logical name and PostgreSQL type."""
+
+    logical_name: str
+    type: str
+    nullable: bool
+
+
+class EntityMetadata(Struct, frozen=True, kw_only=True):
+    """Dataverse's EntityMetadata, the parts a caller of the processor needs."""
+
+    logical_name: str
+    is_optimistic_concurrency_enabled: bool
+    #: What ``Default`` means for this entity.
+    default_behavior: Literal["AlwaysOverwrite", "IfRowVersionMatches"]
+    #: Where row versions come from: PostgreSQL's xmin, or an integer version column.
+    row_version: Literal["xmin", "column"]
+    row_version_column: str | None
+    key: AttributeMetadata
+    #: The writable attributes, in table order.
+    attributes: list[AttributeMetadata]
+
+
 class Reply(Struct, frozen=True, kw_only=True):
     """The one reply every request gets, success or fault."""
 
     request_id: str
-    type: Literal["update", "delete", "retrieve"] | None
+    type: RequestType | None
     entity: str | None
     id: str | int | None
     status: Literal["success", "fault"]
@@ -171,6 +311,16 @@ class Reply(Struct, frozen=True, kw_only=True):
     attributes: dict[str, Any] | None = None
     related: list[RelatedVersion] | None = None
     fault: FaultDetail | None = None
+    #: retrieve_entity: the entity's metadata.
+    entity_metadata: EntityMetadata | None = None
+    #: execute_*: the inner requests' replies, in order (each with its request_index).
+    responses: list[Reply] | None = None
+    #: An inner reply: its request's index in the execute request.
+    request_index: int | None = None
+    #: execute_transaction fault: the index of the request that failed (``fault`` is its own).
+    faulted_request_index: int | None = None
+    #: execute_multiple: whether any request faulted.
+    is_faulted: bool | None = None
 
 
 class DeadLetterHeader(Struct, frozen=True):
@@ -218,13 +368,33 @@ _encoder: Final = msgspec.json.Encoder(order="deterministic")
 _PATH_RE: Final = re.compile(r" - at (?:`key` in )?`\$\.?(?P<path>[^`]*)`$")
 
 
+_NESTED_RE: Final = re.compile(
+    r"Invalid value '(?P<type>execute_transaction|execute_multiple|retrieve_entity)' - at "
+    r"`\$\.requests\[(?P<index>\d+)\]\.type`$"
+)
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request; any defect raises :class:`InvalidArgument` naming the path."""
     try:
         request: Request = _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
         text = str(exc)
+        nested = _NESTED_RE.search(text)
+        if nested:
+            what = "an execute request" if nested["type"] != "retrieve_entity" else "a batch"
+            fault = InvalidArgument(
+                f"invalid request: {nested['type']} cannot be inside an execute request "
+                f"(no nesting; {what} holds update, delete and retrieve requests only)"
+            )
+            fault.path = f"requests[{nested['index']}].type"
+            raise fault from exc
         match = _PATH_RE.search(text)
+        if match and match["path"] == "requests" and " of length " in text:
+            got = "none" if ">=" in text else f"more than {MAX_BATCH_REQUESTS}"
+            text = (
+                f"an execute request holds 1 to {MAX_BATCH_REQUESTS} requests, got {got} ({text})"
+            )
         fault = InvalidArgument(f"invalid request: {text}")
         if match and match["path"]:
             fault.path = match["path"]
@@ -239,11 +409,44 @@ def decode_request(data: bytes) -> Request:
         fault = InvalidArgument(f"invalid request: reply_to {request.reply_to!r} is not a topic")
         fault.path = "reply_to"
         raise fault
-    if isinstance(request, UpdateRequest):
-        _check_nesting(request.attributes, "attributes")
-        for n, rel in enumerate(request.related):
-            _check_nesting(rel.attributes, f"related[{n}].attributes")
+    if isinstance(request, ExecuteTransactionRequest | ExecuteMultipleRequest):
+        _check_batch(request)
+    elif isinstance(request, UpdateRequest):
+        _check_row_nesting(request, "")
     return request
+
+
+def _check_row_nesting(request: RowRequest, prefix: str) -> None:
+    if isinstance(request, UpdateRequest):
+        _check_nesting(request.attributes, f"{prefix}attributes")
+        for n, rel in enumerate(request.related):
+            _check_nesting(rel.attributes, f"{prefix}related[{n}].attributes")
+
+
+def _check_batch(request: ExecuteRequest) -> None:
+    """What the schema cannot say about an execute request's inner requests."""
+    seen = {request.request_id: -1}
+    for n, inner in enumerate(request.requests):
+        where = f"requests[{n}]"
+        problem, path = None, ""
+        if inner.reply_to is not None or inner.reply_partition is not None:
+            field_ = "reply_to" if inner.reply_to is not None else "reply_partition"
+            problem = f"{field_} is set on the execute request, not on the requests inside it"
+            path = f"{where}.{field_}"
+        elif inner.request_id in seen:
+            first = seen[inner.request_id]
+            problem = (
+                "an inner request_id must differ from the execute request's own"
+                if first < 0
+                else f"request_id is used twice in the batch (also requests[{first}])"
+            )
+            path = f"{where}.request_id"
+        if problem is not None:
+            fault = InvalidArgument(f"invalid request: {problem}")
+            fault.path = path
+            raise fault
+        seen[inner.request_id] = n
+        _check_row_nesting(inner, f"{where}.")
 
 
 def _check_nesting(attributes: dict[str, Any], path: str) -> None:
@@ -276,11 +479,13 @@ class Salvage(Struct, frozen=True):
     type: str | None = None
     entity: str | None = None
     id: str | int | None = None
+    reply_partition: int | None = None
 
 
 class _Loose(Struct):
     request_id: Any = None
     reply_to: Any = None
+    reply_partition: Any = None
     type: Any = None
     entity: Any = None
     id: Any = None
@@ -316,9 +521,14 @@ def salvage(data: bytes) -> Salvage:
     return Salvage(
         request_id=text(loose.request_id, 128),
         reply_to=reply_to if reply_to and _TOPIC_RE.fullmatch(reply_to) else None,
-        type=loose.type if loose.type in ("update", "delete", "retrieve") else None,
+        type=loose.type if loose.type in REQUEST_TYPES else None,
         entity=text(loose.entity, 63),
         id=record_id,
+        reply_partition=partition
+        if isinstance(partition := loose.reply_partition, int)
+        and not isinstance(partition, bool)
+        and 0 <= partition < 2**31
+        else None,
     )
 
 
@@ -329,8 +539,32 @@ def encode_reply(reply: Reply) -> bytes:
 def request_fingerprint(request: Request) -> bytes:
     """SHA-256 of the request's canonical form: equal for the same logical request.
 
-    Key order and the spelling of the behaviour (``1`` or ``"IfRowVersionMatches"``)
-    do not change it; any other difference in content does.
+    Key order, the spelling of the behaviour (``1`` or ``"IfRowVersionMatches"``) and the
+    ``reply_partition`` (a client resends to the partition it now owns) do not change it;
+    any other difference in content does.
     """
-    canonical = msgspec.structs.replace(request, concurrency_behavior=request.behavior)
-    return hashlib.sha256(_encoder.encode(canonical)).digest()
+    canonical: Request
+    if isinstance(request, ExecuteTransactionRequest | ExecuteMultipleRequest):
+        canonical = msgspec.structs.replace(
+            request, requests=[_canonical_row(r) for r in request.requests]
+        )
+    elif isinstance(request, RetrieveEntityRequest):
+        canonical = request
+    else:
+        canonical = _canonical_row(request)
+    if not isinstance(canonical, ROW_REQUEST_TYPES):
+        return hashlib.sha256(
+            _encoder.encode(msgspec.structs.replace(canonical, reply_partition=None))
+        ).digest()
+    # A row request hashes as it did before reply_partition existed, so that the replies
+    # ledgered then keep matching; msgspec encodes it last (the last defaulted field).
+    data = _encoder.encode(canonical)
+    head, tail = data[:-40], data[-40:]  # the field is at most 30 bytes
+    return hashlib.sha256(head + _ROUTE_FIELD.sub(b"}", tail, count=1)).digest()
+
+
+_ROUTE_FIELD: Final = re.compile(rb',"reply_partition":(?:null|\d+)\}$')
+
+
+def _canonical_row(request: RowRequest) -> RowRequest:
+    return msgspec.structs.replace(request, concurrency_behavior=request.behavior)

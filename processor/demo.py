@@ -23,6 +23,7 @@ from processor.config import Settings
 from processor.contract import Reply
 from processor.errors import ConfigError
 from processor.ledger import Ledger
+from processor.registry import load_registry, quote
 
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
@@ -219,10 +220,15 @@ async def run_demo(settings: Settings) -> int:
     assert settings.kafka_bootstrap_servers is not None
     conn = await db.connect(settings)
     try:
-        versions = {
-            "account": await conn.fetchval("SELECT xmin::text FROM demo.account WHERE id = 1"),
-            "item": await conn.fetchval("SELECT version::text FROM demo.item WHERE sku = 'widget'"),
-        }
+        # The tables as the registry names them (a copy of the demo may use another schema).
+        entities = (await load_registry(conn, registry)).entities
+        versions = {}
+        for name, row in (("account", 1), ("item", "widget")):
+            e = entities[name]
+            versions[name] = await conn.fetchval(
+                f"SELECT {e.version_sql} FROM {e.qualified} AS t WHERE t.{quote(e.key.name)} = $1",  # noqa: S608 (catalog-checked names)
+                row,
+            )
     finally:
         await conn.close()
 
@@ -266,7 +272,9 @@ async def run_demo(settings: Settings) -> int:
                     seen += 1
                     print(_describe(what.get(reply.request_id, "?"), reply))
         print(f"\n{seen}/{expected} replies received")
-        return 0 if seen == expected else 1
+        if seen != expected:
+            return 1
+        return await _producer_services(settings)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
@@ -274,6 +282,80 @@ async def run_demo(settings: Settings) -> int:
         with contextlib.suppress(Exception):
             await replies.stop()
         await worker
+
+
+async def _producer_services(settings: Settings) -> int:
+    """What a producer service does with the client: metadata, a transaction, a context."""
+    from processor.client import Client
+    from processor.contract import UpdateRequest
+    from processor.errors import ConcurrencyVersionMismatch, ObjectDoesNotExist
+    from processor.metadata import render_table
+
+    print("\n-- the producer client: metadata, a transaction, a context --\n")
+    async with Client(
+        settings.kafka_access(),
+        request_topic=settings.request_topic,
+        reply_topic=settings.reply_topic,
+        timeout=60,
+    ) as client:
+        print("- entity metadata (RetrieveEntityRequest) of account:")
+        print(
+            "    " + render_table([await client.entity_metadata("account")]).replace("\n", "\n    ")
+        )
+
+        before = await client.retrieve("account", 8)
+        try:
+            await client.execute_transaction(
+                [
+                    UpdateRequest(
+                        request_id=uuid.uuid4().hex,
+                        entity="account",
+                        id=8,
+                        attributes={"balance": 1},
+                    ),
+                    UpdateRequest(
+                        request_id=uuid.uuid4().hex,
+                        entity="account",
+                        id=999999,
+                        attributes={"balance": 1},
+                    ),
+                ]
+            )
+            print("- the transaction applied: unexpected")
+            return 1
+        except ObjectDoesNotExist as exc:
+            after = await client.retrieve("account", 8)
+            unchanged = after.row_version == before.row_version
+            print(
+                f"- execute_transaction [update account 8, update account 999999]: rolled back, "
+                f"faulted_request_index={exc.request_index} {exc.name}: {exc.message}; "
+                f"account 8 {'unchanged' if unchanged else 'CHANGED'}"
+            )
+
+        async with client.context(concurrency_behavior="IfRowVersionMatches") as ctx:
+            gadget = await ctx.retrieve("item", "gadget")
+            qty = (gadget.attributes or {})["qty"]
+            ctx.update("item", "gadget", {"qty": qty + 1})
+            # Another writer comes first:
+            await client.update("item", "gadget", {"qty": qty}, behavior="AlwaysOverwrite")
+            try:
+                await ctx.save_changes()
+                print("- save_changes applied over another write: unexpected")
+                return 1
+            except ConcurrencyVersionMismatch as exc:
+                print(
+                    f"- save_changes with IfRowVersionMatches after another write: {exc.name} "
+                    f"on {exc.change} (expected {exc.expected_version}, current "
+                    f"{exc.current_version})"
+                )
+            await ctx.retrieve("item", "gadget")  # the new version; the change stays recorded
+            (result,) = await ctx.save_changes()
+            assert result.reply is not None
+            print(
+                f"- retrieved again and saved: {result.change.kind} of item 'gadget' -> "
+                f"version {result.reply.row_version}; the context tracks {ctx.tracked[0]}"
+            )
+    return 0
 
 
 def _fields(settings: Settings) -> dict[str, Any]:

@@ -38,12 +38,15 @@ import asyncpg
 import msgspec
 
 from processor.contract import (
+    EXECUTE_TYPES,
+    ROW_REQUEST_TYPES,
     Behavior,
     DeleteRequest,
     RelatedVersion,
     Reply,
     Request,
     RetrieveRequest,
+    RowRequest,
     UpdateRequest,
     encode_reply,
     fault_detail,
@@ -109,6 +112,12 @@ class Envelope:
     @classmethod
     def of(cls, request: Request, source: Source | None = None) -> Envelope:
         return cls(request, request_fingerprint(request), source)
+
+    @property
+    def row(self) -> RowRequest:
+        """The request, one of the engine's own (update, delete, retrieve)."""
+        assert isinstance(self.request, ROW_REQUEST_TYPES)
+        return self.request
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +236,10 @@ class Engine:
         :class:`TransientError` when the database fails; nothing of the failed chunk
         is committed then, and calling again with the same envelopes is safe.
         """
+        if not all(isinstance(e.request, ROW_REQUEST_TYPES) for e in envelopes):
+            from processor.batches import process_mixed  # built on this module's steps
+
+            return await process_mixed(self, conn, envelopes)
         outcomes: list[Outcome] = []
         for chunk in self._chunks(envelopes):
             try:
@@ -317,7 +330,7 @@ class Engine:
     # -- checks without the database ------------------------------------------------------
 
     def _prepare(self, index: int, env: Envelope, now: datetime) -> _Job:
-        req = env.request
+        req = env.row
         if req.expires_at is not None and req.expires_at <= now:
             raise RequestExpired(
                 f"request expired at {req.expires_at.isoformat()}, processed at {now.isoformat()}"
@@ -374,8 +387,10 @@ class Engine:
 
     def _resolved_behavior(self, req: Request) -> Behavior | None:
         """What Default means for this request's entity; None for retrieve or no entity."""
+        if not isinstance(req, UpdateRequest | DeleteRequest):
+            return None
         entity = self.registry.get(req.entity)
-        if entity is None or isinstance(req, RetrieveRequest):
+        if entity is None:
             return None
         behavior = req.behavior
         return entity.default_behavior if behavior == "Default" else behavior
@@ -475,7 +490,7 @@ class Engine:
     # -- outcomes -------------------------------------------------------------------------
 
     def _success_outcome(self, job: _Job, batch: _Batch) -> Outcome:
-        req = job.envelope.request
+        req = job.envelope.row
         main = job.targets[0]
         attrs = None
         if job.kind == "retrieve":
@@ -516,8 +531,8 @@ class Engine:
         reply = Reply(
             request_id=req.request_id,
             type=req.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=req.entity,
-            id=req.id,
+            entity=getattr(req, "entity", None),  # execute requests have none
+            id=getattr(req, "id", None),
             status="fault",
             processed_at=now,
             behavior_applied=behavior,
@@ -553,8 +568,8 @@ class Engine:
                 request_id=reply.request_id,
                 fingerprint=env.fingerprint,
                 type=str(reply.type),
-                entity=env.request.entity,
-                record_id=str(env.request.id),
+                entity=env.row.entity,
+                record_id=str(env.row.id),
                 status=reply.status,
                 fault_code=reply.fault.code if reply.fault else None,
                 applied=outcome.applied,
@@ -604,8 +619,13 @@ def rows_of(registry: Registry, request: Request) -> list[Row]:
 
     The worker's lanes and the engine's rounds both order requests by these rows, so they
     must agree on what "the same row" is. A key that does not parse (the request will
-    fault) is used as it was sent.
+    fault) is used as it was sent. An execute request touches the rows of all its requests.
     """
+    if isinstance(request, EXECUTE_TYPES):
+        # The union of its requests' rows: per-row order holds across batches too.
+        return list(dict.fromkeys(row for r in request.requests for row in rows_of(registry, r)))
+    if not isinstance(request, ROW_REQUEST_TYPES):
+        return []  # retrieve_entity touches no row
     rows = [_row(registry, request.entity, request.id)]
     if isinstance(request, UpdateRequest):
         rows.extend(_row(registry, r.entity, r.id) for r in request.related)

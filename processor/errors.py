@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Final
 
 if TYPE_CHECKING:
+    from processor.context import Change, ChangeResult
     from processor.contract import Reply, Request
 
 __all__ = [
@@ -129,6 +130,13 @@ class Fault(ProcessorError):
     summary: ClassVar[str] = ""
     #: Client side (:mod:`processor.client`): the fault reply this was raised for.
     reply: Reply | None = None
+    #: Client side, an execute request's fault: the index of the request that failed
+    #: (Dataverse's FaultedRequestIndex / RequestIndex).
+    request_index: int | None = None
+    #: :meth:`processor.context.ServiceContext.save_changes`: the change that failed, and
+    #: the result of every change sent (with continue_on_error, some were applied).
+    change: Change | None = None
+    results: list[ChangeResult] | None = None
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ Pure functions, no I/O: a record becomes an :class:`~processor.engine.Envelope`,
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from typing import Final, Protocol
 import msgspec
 
 from processor.contract import (
+    REQUEST_TYPES,
     DeadLetter,
     DeadLetterHeader,
     Reply,
     decode_request,
     encode_reply,
     fault_detail,
+    request_key,
     salvage,
 )
 from processor.engine import Envelope, Outcome, Source
@@ -67,6 +70,8 @@ class OutRecord:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    #: The request's reply_partition (checked against the topic); None: Kafka picks by key.
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ class Rejected:
     request_id: str | None
     reply_to: str | None
     reply: Reply | None  # None when no request_id could be read: nothing to correlate
+    reply_partition: int | None = None
 
 
 def _header(headers: Headers, name: str) -> str | None:
@@ -114,7 +120,7 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
     except Fault as exc:
         # The body's request_id when it can be read, else the producer's header.
         found = salvage(value)
-        return _rejected(
+        rejected = _rejected(
             message,
             exc,
             found.request_id or _header_request_id(message.headers),
@@ -124,6 +130,7 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
             found.id,
             now,
         )
+        return dataclasses.replace(rejected, reply_partition=found.reply_partition)
     source = Source(message.topic, message.partition, message.offset)
     return Envelope.of(request, source)
 
@@ -131,8 +138,9 @@ def admit(message: Message, *, max_bytes: int, now: datetime) -> Envelope | Reje
 def reject(envelope: Envelope, message: Message, fault: Fault, now: datetime) -> Rejected:
     """Turn an admitted envelope into a rejection (e.g. its reply_to topic does not exist)."""
     req = envelope.request
+    entity, record_id = getattr(req, "entity", None), getattr(req, "id", None)
     return _rejected(
-        message, fault, req.request_id, None, req.__struct_config__.tag, req.entity, req.id, now
+        message, fault, req.request_id, None, req.__struct_config__.tag, entity, record_id, now
     )
 
 
@@ -150,7 +158,7 @@ def _rejected(
     if request_id is not None:
         reply = Reply(
             request_id=request_id,
-            type=type_ if type_ in ("update", "delete", "retrieve") else None,
+            type=type_ if type_ in REQUEST_TYPES else None,
             entity=entity,
             id=record_id,
             status="fault",
@@ -177,13 +185,14 @@ def outcome_records(
 ) -> list[OutRecord]:
     """The reply of an engine outcome, plus a dead letter when the request was bad input."""
     req = envelope.request
-    key = message.key if message.key is not None else f"{req.entity}:{req.id}".encode()
+    key = message.key if message.key is not None else request_key(req)
     records = [
         OutRecord(
             req.reply_to or reply_topic,
             key,
             outcome.data,
             _reply_headers(message, req.request_id),
+            req.reply_partition,
         )
     ]
     if outcome.dead_letter and outcome.reply.fault is not None:
@@ -214,6 +223,7 @@ def rejected_records(
                 message.key,
                 encode_reply(rejected.reply),
                 _reply_headers(message, rejected.request_id),
+                rejected.reply_partition,
             )
         )
     error = f"{fault.name}: {fault.message}"

@@ -21,6 +21,7 @@ import json
 import sys
 import tomllib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
@@ -28,7 +29,20 @@ from typing import Any, Final
 import msgspec
 
 from processor.config import Settings
-from processor.contract import DeadLetter, Reply, Request
+from processor.contract import (
+    AttributeMetadata,
+    DeadLetter,
+    DeleteRequest,
+    EntityMetadata,
+    ExecuteMultipleRequest,
+    ExecuteTransactionRequest,
+    FaultDetail,
+    Reply,
+    Request,
+    RetrieveEntityRequest,
+    RetrieveRequest,
+    UpdateRequest,
+)
 from processor.errors import FAULT_TYPES
 
 __all__ = ["DEFAULT_DIR", "generate", "main"]
@@ -46,9 +60,173 @@ def _dump(document: object) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _json_schema(type_: Any, title: str, description: str) -> dict[str, Any]:
+def _json_schema(
+    type_: Any, title: str, description: str, examples: Sequence[object] = ()
+) -> dict[str, Any]:
     schema: dict[str, Any] = msgspec.json.schema(type_)
-    return {"$schema": _DIALECT, "title": title, "description": description, **schema}
+    document = {"$schema": _DIALECT, "title": title, "description": description, **schema}
+    if examples:
+        document["examples"] = [msgspec.to_builtins(e) for e in examples]
+    return document
+
+
+_AT: Final = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+_UPDATE: Final = UpdateRequest(
+    request_id="7f6c1e2a-upd",
+    entity="account",
+    id=42,
+    attributes={"balance": 90},
+    row_version="918273",
+    concurrency_behavior="IfRowVersionMatches",
+)
+_DELETE: Final = DeleteRequest(
+    request_id="7f6c1e2a-del", entity="account", id=43, concurrency_behavior="AlwaysOverwrite"
+)
+
+#: One example of each request that needs more than its schema to read (name, summary, it).
+REQUEST_EXAMPLES: Final[list[tuple[str, str, Request]]] = [
+    (
+        "routedUpdate",
+        "An update whose reply goes to partition 3 of the caller's own reply topic.",
+        msgspec.structs.replace(_UPDATE, reply_to="billing.replies", reply_partition=3),
+    ),
+    (
+        "retrieveEntity",
+        "Dataverse's RetrieveEntityRequest: the entity's metadata.",
+        RetrieveEntityRequest(request_id="7f6c1e2a-meta", entity="account"),
+    ),
+    (
+        "executeTransaction",
+        "Dataverse's ExecuteTransactionRequest: in order, all or nothing.",
+        ExecuteTransactionRequest(request_id="7f6c1e2a-tx", requests=[_UPDATE, _DELETE]),
+    ),
+    (
+        "executeMultiple",
+        "Dataverse's ExecuteMultipleRequest: each on its own, faults only in the reply.",
+        ExecuteMultipleRequest(
+            request_id="7f6c1e2a-multi",
+            requests=[_UPDATE, RetrieveRequest(request_id="7f6c1e2a-get", entity="account", id=7)],
+            continue_on_error=True,
+            return_responses=False,
+        ),
+    ),
+]
+_MISMATCH: Final = FaultDetail(
+    code=-2147088254,
+    name="ConcurrencyVersionMismatch",
+    message="the version of the existing record doesn't match the row_version provided",
+    retryable=True,
+    expected_version="918273",
+    current_version="918301",
+)
+REPLY_EXAMPLES: Final[list[tuple[str, str, Reply]]] = [
+    (
+        "entityMetadata",
+        "The reply to retrieve_entity.",
+        Reply(
+            request_id="7f6c1e2a-meta",
+            type="retrieve_entity",
+            entity="account",
+            id=None,
+            status="success",
+            processed_at=_AT,
+            entity_metadata=EntityMetadata(
+                logical_name="account",
+                is_optimistic_concurrency_enabled=True,
+                default_behavior="AlwaysOverwrite",
+                row_version="xmin",
+                row_version_column=None,
+                key=AttributeMetadata(logical_name="id", type="integer", nullable=False),
+                attributes=[
+                    AttributeMetadata(logical_name="name", type="text", nullable=False),
+                    AttributeMetadata(logical_name="balance", type="numeric(12,2)", nullable=False),
+                ],
+            ),
+        ),
+    ),
+    (
+        "transactionRolledBack",
+        "execute_transaction: request 0 conflicted, nothing was applied.",
+        Reply(
+            request_id="7f6c1e2a-tx",
+            type="execute_transaction",
+            entity=None,
+            id=None,
+            status="fault",
+            processed_at=_AT,
+            fault=_MISMATCH,
+            faulted_request_index=0,
+        ),
+    ),
+    (
+        "transactionApplied",
+        "execute_transaction: every reply, in order, each with its request_index.",
+        Reply(
+            request_id="7f6c1e2a-tx",
+            type="execute_transaction",
+            entity=None,
+            id=None,
+            status="success",
+            processed_at=_AT,
+            responses=[
+                Reply(
+                    request_id="7f6c1e2a-upd",
+                    type="update",
+                    entity="account",
+                    id=42,
+                    status="success",
+                    processed_at=_AT,
+                    row_version="918301",
+                    behavior_applied="IfRowVersionMatches",
+                    request_index=0,
+                ),
+                Reply(
+                    request_id="7f6c1e2a-del",
+                    type="delete",
+                    entity="account",
+                    id=43,
+                    status="success",
+                    processed_at=_AT,
+                    behavior_applied="AlwaysOverwrite",
+                    request_index=1,
+                ),
+            ],
+        ),
+    ),
+    (
+        "multipleWithAFault",
+        "execute_multiple without return_responses: only the faults, by request_index.",
+        Reply(
+            request_id="7f6c1e2a-multi",
+            type="execute_multiple",
+            entity=None,
+            id=None,
+            status="success",
+            processed_at=_AT,
+            is_faulted=True,
+            responses=[
+                Reply(
+                    request_id="7f6c1e2a-upd",
+                    type="update",
+                    entity="account",
+                    id=42,
+                    status="fault",
+                    processed_at=_AT,
+                    behavior_applied="IfRowVersionMatches",
+                    fault=_MISMATCH,
+                    request_index=0,
+                )
+            ],
+        ),
+    ),
+]
+
+
+def _message_examples(examples: Sequence[tuple[str, str, object]]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "summary": summary, "payload": msgspec.to_builtins(value)}
+        for name, summary, value in examples
+    ]
 
 
 def _hex(code: int) -> str:
@@ -143,9 +321,12 @@ def _asyncapi() -> dict[str, Any]:
         "Request": {
             "name": "Request",
             "title": "Request",
-            "summary": "An update, delete or retrieve of one row (plus related rows).",
+            "summary": "An update, delete or retrieve of one row (plus related rows), an "
+            "entity's metadata, or a batch of row requests (execute_transaction, "
+            "execute_multiple).",
             "contentType": "application/json",
             "payload": {"$ref": "#/components/schemas/Request"},
+            "examples": _message_examples(REQUEST_EXAMPLES),
             "headers": _header_schema(
                 {"request_id": _REQUEST_ID_HEADER, "traceparent": _TRACEPARENT_HEADER}
             ),
@@ -158,6 +339,7 @@ def _asyncapi() -> dict[str, Any]:
             "summary": "The one reply every request gets: success, or a fault (see faults.md).",
             "contentType": "application/json",
             "payload": {"$ref": "#/components/schemas/Reply"},
+            "examples": _message_examples(REPLY_EXAMPLES),
             "headers": _header_schema(
                 {
                     "request_id": {**_REQUEST_ID_HEADER, "description": "The request's id."},
@@ -222,7 +404,8 @@ def _asyncapi() -> dict[str, Any]:
             "description": (
                 "Kafka -> PostgreSQL request processor with Dataverse-style optimistic "
                 "concurrency. Requests arrive on the request topic; each gets exactly one "
-                "reply (on its `reply_to` topic, or the reply topic), correlated by "
+                "reply (on its `reply_to` topic, or the reply topic; on its "
+                "`reply_partition` of that topic when given), correlated by "
                 "request_id; bad input is also written to the dead-letter topic. Topic "
                 "names are the defaults (PROCESSOR_REQUEST_TOPIC, PROCESSOR_REPLY_TOPIC, "
                 "PROCESSOR_DLQ_TOPIC). Fault codes: faults.md."
@@ -265,7 +448,9 @@ def _asyncapi() -> dict[str, Any]:
                 "messages": [{"$ref": "#/channels/requests/messages/request"}],
                 "reply": {
                     "address": {
-                        "description": "The request's `reply_to`, else the reply topic.",
+                        "description": "The request's `reply_to`, else the reply topic; "
+                        "partition `reply_partition` when given (a partition the topic "
+                        "lacks: a fault reply on the reply topic and a dead letter).",
                         "location": "$message.payload#/reply_to",
                     },
                     "channel": {"$ref": "#/channels/replies"},
@@ -326,13 +511,20 @@ def generate() -> dict[str, str]:
         ),
         "faults.md": _faults_markdown(),
         "reply.schema.json": _dump(
-            _json_schema(Reply, "Reply", "The one reply every request gets, success or fault.")
+            _json_schema(
+                Reply,
+                "Reply",
+                "The one reply every request gets, success or fault.",
+                [e for _, _, e in REPLY_EXAMPLES],
+            )
         ),
         "request.schema.json": _dump(
             _json_schema(
                 Request,
                 "Request",
-                "A request on the request topic: update, delete or retrieve, tagged on `type`.",
+                "A request on the request topic, tagged on `type`: update, delete, retrieve, "
+                "retrieve_entity, execute_transaction or execute_multiple.",
+                [e for _, _, e in REQUEST_EXAMPLES],
             )
         ),
     }

@@ -60,13 +60,13 @@ from processor.intake import (
     Rejected,
     admit,
     outcome_records,
-    reject,
     rejected_records,
 )
 from processor.lanes import split
 from processor.log import get_logger
 from processor.metrics import Metrics
 from processor.ownership import Ownership
+from processor.reply_routes import ReplyRoutes
 from processor.retry import Retry
 
 __all__ = ["Worker"]
@@ -128,8 +128,7 @@ class Worker:
         # Partitions rewound after a commit that did not (or may not) land: before their
         # next batch, their position is checked against the committed offset.
         self._verify: set[TopicPartition] = set()
-        self._known_topics: set[str] = {settings.reply_topic, settings.dlq_topic}
-        self._topics_checked_at = 0.0
+        self._routes = ReplyRoutes(self._access, settings.reply_topic)
         self._last_poll = 0.0
 
     def ready(self) -> bool:
@@ -265,7 +264,7 @@ class Worker:
         admitted: list[tuple[Message, Envelope | Rejected]] = []
         for records in owned.values():
             admitted.extend((r, self._admit(r, now)) for r in records)
-        admitted = await self._check_reply_topics(admitted, now)
+        admitted = await self._routes.check(admitted, now)
 
         good = [(m, item) for m, item in admitted if isinstance(item, Envelope)]
         registry = self.engine.registry
@@ -433,42 +432,3 @@ class Worker:
 
     def _count(self, type_: str | None, status: str, code: int | None) -> None:
         self.metrics.requests.labels(type_ or "unknown", status, str(code or "")).inc()
-
-    async def _check_reply_topics(
-        self, admitted: list[tuple[Message, Envelope | Rejected]], now: datetime
-    ) -> list[tuple[Message, Envelope | Rejected]]:
-        """A reply_to naming a topic that does not exist is bad input, not a stuck batch."""
-        wanted = {
-            item.request.reply_to
-            for _, item in admitted
-            if isinstance(item, Envelope) and item.request.reply_to
-        } | {item.reply_to for _, item in admitted if isinstance(item, Rejected) and item.reply_to}
-        if not wanted - self._known_topics:
-            return admitted
-        if time.monotonic() - self._topics_checked_at > 1.0:
-            await self._refresh_topics()
-        checked: list[tuple[Message, Envelope | Rejected]] = []
-        for message, item in admitted:
-            if isinstance(item, Envelope):
-                topic = item.request.reply_to
-                if topic and topic not in self._known_topics:
-                    fault = InvalidArgument(f"reply_to topic {topic!r} does not exist")
-                    fault.path = "reply_to"
-                    item = reject(item, message, fault, now)
-            elif item.reply_to and item.reply_to not in self._known_topics:
-                item = Rejected(item.message, item.fault, item.request_id, None, item.reply)
-            checked.append((message, item))
-        return checked
-
-    async def _refresh_topics(self) -> None:
-        admin = kafka.admin_client(self._access)
-        try:
-            await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
-            topics = await asyncio.wait_for(admin.list_topics(), kafka.CALL_TIMEOUT)
-            self._known_topics |= set(topics)
-            self._topics_checked_at = time.monotonic()
-        except (KafkaError, TimeoutError, OSError) as exc:
-            log.warning("cannot list topics", error=repr(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()

@@ -479,6 +479,60 @@ async def test_ranges_and_a_record_history(
     assert "acct 1: version chain ok" in with_history.render()
 
 
+async def test_batches_metadata_and_reply_partitions_audit_clean(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """Execute requests (their inner requests are ledgered at the batch's offset), a
+    retrieve_entity and a reply_partition the topic lacks (a fault reply on the default
+    topic and a dead letter): a clean history for the audit, version chains included."""
+    s, r = scenario, scenario.run
+    await pg.execute(f"INSERT INTO {s.schema}.acct (id) SELECT g FROM generate_series(1, 3) g")
+
+    def upd(name: str, id: int, balance: int) -> dict[str, Any]:
+        return {
+            "type": "update",
+            "request_id": f"{r}-{name}",
+            "entity": "acct",
+            "id": id,
+            "attributes": {"balance": balance},
+        }
+
+    requests: list[dict[str, Any] | Raw] = [
+        upd("single", 1, 1),
+        {
+            "type": "execute_transaction",
+            "request_id": f"{r}-tx",
+            "requests": [upd("tx-0", 1, 2), upd("tx-1", 2, 2), upd("tx-2", 1, 3)],
+        },
+        {
+            "type": "execute_transaction",
+            "request_id": f"{r}-tx-fails",
+            "requests": [upd("txf-0", 1, 4), upd("txf-1", 99, 4)],
+        },
+        {
+            "type": "execute_multiple",
+            "request_id": f"{r}-multi",
+            "continue_on_error": True,
+            "requests": [upd("m-0", 3, 1), upd("m-1", 3, -1), upd("m-2", 2, 5)],
+        },
+        {"type": "retrieve_entity", "request_id": f"{r}-meta", "entity": "acct"},
+        {**upd("partition", 2, 6), "reply_partition": 2},
+        {**upd("no-partition", 2, 7), "reply_partition": 99},
+    ]
+    s.start_worker(PROCESSOR_MAX_MESSAGE_BYTES=MAX_BYTES)
+    await s.send(requests)
+    replies = await s.replies(expect=len(requests))
+    s.stop_all(signal.SIGTERM)
+    by_id = {x.request_id: x for x in replies}
+    assert by_id[f"{r}-tx"].status == "success"
+    assert by_id[f"{r}-tx-fails"].faulted_request_index == 1
+    assert by_id[f"{r}-multi"].is_faulted
+    assert by_id[f"{r}-no-partition"].fault is not None
+    report = await audit(s)
+    assert report.ok, report.render()
+    assert report.counts["chain_records"] == 3
+
+
 def run_cli(s: Scenario, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "processor", "audit", "--quiet", *args],

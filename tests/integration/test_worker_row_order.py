@@ -120,3 +120,63 @@ async def test_a_rows_writes_as_target_and_as_related_row_apply_in_offset_order(
             assert seqs == sorted(seqs), f"round {round_}, row {row} out of order: {seqs[-40:]}"
         last = round_ * per_round + per_round - 1
         assert await pg.fetchval(f"SELECT seq FROM {schema}.acct WHERE id = 2") == last
+
+
+async def test_batches_keep_per_row_order_with_single_requests_and_each_other(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """Single updates, execute_transaction and execute_multiple on the same 4 rows, every
+    record under its own random key in one partition, 5 rounds: each row's writes (inside
+    and across batches) are applied in offset order and it ends with its last value."""
+    schema = scenario.schema
+    await pg.execute(f"INSERT INTO {schema}.acct (id) VALUES (1), (2), (3), (4)")
+    scenario.start_worker(PROCESSOR_LANES="4")
+    seq = 0
+    sent = 0
+    last: dict[int, int] = {}
+
+    def upd(row: int) -> dict[str, Any]:
+        nonlocal seq
+        seq += 1
+        last[row] = seq
+        return {
+            "type": "update",
+            "request_id": f"{scenario.run}-u-{seq}",
+            "entity": "acct",
+            "id": row,
+            "attributes": {"seq": seq},
+        }
+
+    for round_ in range(ROUNDS):
+        records: list[dict[str, Any]] = []
+        for i in range(40):
+            kind = i % 4
+            if kind == 0:
+                records.append(upd(1 + i % 4))
+            elif kind == 1:
+                records.append(
+                    {
+                        "type": "execute_transaction",
+                        "request_id": f"{scenario.run}-t-{round_}-{i}",
+                        "requests": [upd(1), upd(2), upd(1)],
+                    }
+                )
+            elif kind == 2:
+                records.append(
+                    {
+                        "type": "execute_multiple",
+                        "request_id": f"{scenario.run}-m-{round_}-{i}",
+                        "requests": [upd(3), upd(2), upd(4)],
+                    }
+                )
+            else:
+                records.append(upd(4 - i % 4))
+        sent += await scenario.send([_raw(r) for r in records])
+        replies = await scenario.replies(expect=sent, timeout=120)
+        assert len({r.request_id for r in replies}) == sent
+        assert all(r.status == "success" for r in replies), [r.fault for r in replies if r.fault]
+        assert not any(r.is_faulted for r in replies)
+        for row in (1, 2, 3, 4):
+            log = await _log(pg, schema, row)
+            assert log == sorted(log), f"row {row} applied out of order: {log}"
+            assert log[-1] == last[row]

@@ -128,6 +128,7 @@ def test_missing_type_tag_is_rejected() -> None:
 def test_behavior_by_name_or_dataverse_number(wire: object, name: str) -> None:
     """concurrency_behavior takes the names or Dataverse's 0, 1, 2; .behavior is the name."""
     req = _decode({**DELETE, "concurrency_behavior": wire})
+    assert isinstance(req, DeleteRequest)
     assert req.concurrency_behavior == wire
     assert req.behavior == name
     assert behavior_name(wire) == name

@@ -32,13 +32,14 @@ from typing import Any, Final, TypeVar, cast
 import hypothesis_jsonschema._from_schema as hjs_internals
 import msgspec
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import utils as conjecture_utils
 from hypothesis_jsonschema import from_schema
 
 from processor.contract import (
     DeadLetter,
+    DeleteRequest,
     FaultDetail,
     Reply,
     Request,
@@ -46,6 +47,7 @@ from processor.contract import (
     decode_request,
     encode_reply,
     request_fingerprint,
+    request_key,
 )
 from processor.engine import Envelope, Outcome, Source
 from processor.errors import FAULT_TYPES, InvalidArgument, RequestTooLarge
@@ -227,11 +229,16 @@ related_rows = st.fixed_dictionaries(
     {"entity": entities, "id": ids, "attributes": attributes},
     optional={"row_version": st.text(max_size=40)},
 )
+reply_partitions = st.one_of(st.integers(0, 40), st.sampled_from([0, 2**31 - 1, 2**31, -1]))
+ROUTING: Final = {
+    "expires_at": datetimes,
+    "reply_to": topics,
+    "reply_partition": reply_partitions,
+}
 OPTIONAL: Final = {
     "row_version": st.text(max_size=40),
     "concurrency_behavior": behaviors,
-    "expires_at": datetimes,
-    "reply_to": topics,
+    **ROUTING,
 }
 FIELDS: Final = [
     "type",
@@ -240,27 +247,79 @@ FIELDS: Final = [
     "id",
     "attributes",
     "related",
+    "requests",
+    "continue_on_error",
+    "return_responses",
     *OPTIONAL,
     "unknown",
 ]
+ROW_TYPES: Final = ["update", "delete", "retrieve"]
+EXECUTE_TYPES: Final = ["execute_transaction", "execute_multiple"]
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> dict[str, Any]:
-    """A request that is valid, or nearly: the values come from the edges of each field."""
-    kind = draw(st.sampled_from(["update", "delete", "retrieve"]))
+def row_requests(draw: st.DrawFn, optional: dict[str, Any] = OPTIONAL) -> dict[str, Any]:
+    kind = draw(st.sampled_from(ROW_TYPES))
     document: dict[str, Any] = {
         "type": kind,
         "request_id": draw(request_ids),
         "entity": draw(entities),
         "id": draw(ids),
     }
-    document |= draw(st.fixed_dictionaries({}, optional=OPTIONAL))
+    document |= draw(st.fixed_dictionaries({}, optional=optional))
     if kind == "update":
         document["attributes"] = draw(attributes)
         if draw(st.booleans()):
             document["related"] = draw(st.lists(related_rows, max_size=3))
     return document
+
+
+#: Inner requests, mostly without the fields only the outer request may carry.
+inner_requests = st.one_of(
+    row_requests({"row_version": st.text(max_size=40), "concurrency_behavior": behaviors}),
+    row_requests({"row_version": st.text(max_size=40), "concurrency_behavior": behaviors}),
+    row_requests(),
+)
+
+
+@st.composite
+def batch_lists(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Inner requests: a few, none, over the limit, or with an execute nested inside."""
+    shape = draw(st.sampled_from(["few", "few", "few", "none", "over", "nested", "other"]))
+    if shape == "none":
+        return []
+    if shape == "over":
+        n = draw(st.sampled_from([1001, 1000]))
+        return [
+            {"type": "delete", "request_id": f"i-{i}", "entity": "item", "id": i} for i in range(n)
+        ]
+    inner = draw(st.lists(inner_requests, min_size=1, max_size=4))
+    if shape == "nested":
+        kind = draw(st.sampled_from([*EXECUTE_TYPES, "retrieve_entity"]))
+        inner.insert(
+            draw(st.integers(0, len(inner))), {"type": kind, "request_id": "n", "requests": []}
+        )
+    elif shape == "other":
+        inner[0] = {**inner[0], "type": draw(st.sampled_from(["upsert", "", 1, None]))}
+    return inner
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A request that is valid, or nearly: the values come from the edges of each field."""
+    kind = draw(st.sampled_from([*ROW_TYPES, *ROW_TYPES, "retrieve_entity", *EXECUTE_TYPES]))
+    if kind in ROW_TYPES:
+        return draw(row_requests())
+    document: dict[str, Any] = {"type": kind, "request_id": draw(request_ids)}
+    document |= draw(st.fixed_dictionaries({}, optional=ROUTING))
+    if kind == "retrieve_entity":
+        document["entity"] = draw(entities)
+        return document
+    document["requests"] = draw(batch_lists())
+    flags = {"return_responses": st.booleans()}
+    if kind == "execute_multiple":
+        flags["continue_on_error"] = st.booleans()
+    return document | draw(st.fixed_dictionaries({}, optional=flags))
 
 
 @st.composite
@@ -436,6 +495,7 @@ def _check_rejected(item: Rejected, msg: Msg, max_bytes: int) -> None:
     if msg.value is None or len(msg.value) > max_bytes:  # no body to read an id from
         assert item.request_id == header_id
     assert item.reply_to is None or _TOPIC_RE.fullmatch(item.reply_to)
+    assert item.reply_partition is None or 0 <= item.reply_partition < 2**31
     assert (item.reply is None) == (item.request_id is None)
 
     records = rejected_records(item, reply_topic=REPLIES, dlq_topic=DLQ, now=NOW)
@@ -445,6 +505,7 @@ def _check_rejected(item: Rejected, msg: Msg, max_bytes: int) -> None:
         return
     assert len(records) == 2
     reply = _check_reply_record(records[0], msg, item.request_id, item.reply_to or REPLIES)
+    assert records[0].partition == item.reply_partition
     assert reply == item.reply
     assert reply.status == "fault"
     assert reply.fault is not None
@@ -475,8 +536,8 @@ def _check_envelope(item: Envelope, msg: Msg) -> None:
     success = Reply(
         request_id=request.request_id,
         type=kind,
-        entity=request.entity,
-        id=request.id,
+        entity=getattr(request, "entity", None),
+        id=getattr(request, "id", None),
         status="success",
         processed_at=NOW,
         row_version="1",
@@ -492,7 +553,8 @@ def _check_envelope(item: Envelope, msg: Msg) -> None:
     assert len(records) == 1
     reply_topic = request.reply_to or REPLIES
     assert _check_reply_record(records[0], msg, request.request_id, reply_topic) == success
-    key = msg.key if msg.key is not None else f"{request.entity}:{request.id}".encode()
+    assert records[0].partition == request.reply_partition
+    key = msg.key if msg.key is not None else request_key(request)
     assert records[0].key == key
 
     fault = InvalidArgument("fuzz")
@@ -580,6 +642,12 @@ _BEHAVIOR_NUMBERS: Final = {0: "Default", 1: "IfRowVersionMatches", 2: "AlwaysOv
 def test_every_request_the_schema_allows_decodes_and_round_trips(
     instance: dict[str, Any], data: st.DataObject
 ) -> None:
+    # What a JSON Schema cannot say (written in the schema's description of `requests`):
+    # inner request_ids unique, no reply_to or reply_partition inside.
+    inner = instance.get("requests", [])
+    ids = [instance["request_id"], *(r["request_id"] for r in inner)]
+    assume(len(set(ids)) == len(ids))
+    assume(not any({"reply_to", "reply_partition"} & r.keys() for r in inner))
     raw = json.dumps(instance).encode()
     request = decode_request(raw)
     assert request.__struct_config__.tag == instance["type"]
@@ -656,7 +724,9 @@ def test_ids_are_bounded_so_that_the_ledger_can_index_them(record_id: int | str)
 
 @pytest.mark.parametrize("record_id", ["k" * 256, 2**63 - 1, -(2**63)])
 def test_the_largest_ids_still_decode(record_id: int | str) -> None:
-    assert decode_request(_delete(id=record_id)).id == record_id
+    request = decode_request(_delete(id=record_id))
+    assert isinstance(request, DeleteRequest)
+    assert request.id == record_id
 
 
 def _update_with_value(raw_value: bytes) -> bytes:
@@ -714,3 +784,112 @@ def test_invalid_utf8_inside_a_string_is_rejected_not_raised(value: bytes) -> No
     assert isinstance(item, Rejected)
     assert isinstance(item.fault, InvalidArgument)
     _check_rejected(item, msg, MAX_BYTES)
+
+
+# -- execute requests, retrieve_entity and reply_partition ----------------------------------
+
+
+@settings(FUZZ, max_examples=examples(300))
+@given(
+    document=st.one_of(
+        requests().filter(lambda d: d["type"] in (*EXECUTE_TYPES, "retrieve_entity")),
+        request_like().filter(lambda d: d.get("type") in EXECUTE_TYPES),
+    ),
+    headers=headers,
+)
+def test_batches_and_metadata_requests_are_admitted_or_rejected(
+    document: dict[str, Any], headers: list[tuple[str, bytes]]
+) -> None:
+    raw = json.dumps(document).encode("utf-8", "surrogatepass")
+    check_admit(Msg(raw, headers=headers), MAX_BYTES)
+
+
+def _inner(n: int, **fields: Any) -> dict[str, Any]:
+    return {"type": "retrieve", "request_id": f"i-{n}", "entity": "item", "id": "k1", **fields}
+
+
+def _batch(kind: str = "execute_transaction", **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "request_id": "b-1", "requests": [_inner(0)], **fields}
+
+
+BAD_INPUTS: Final[list[tuple[dict[str, Any], str, str]]] = [
+    (_batch(requests=[]), "requests", "holds 1 to 1000 requests, got none"),
+    (
+        _batch("execute_multiple", requests=[_inner(n) for n in range(1001)]),
+        "requests",
+        "got more than 1000",
+    ),
+    (_batch(requests=[_batch("execute_multiple")]), "requests[0].type", "no nesting"),
+    (_batch("execute_multiple", requests=[_batch()]), "requests[0].type", "no nesting"),
+    (
+        _batch(requests=[{"type": "retrieve_entity", "request_id": "x", "entity": "item"}]),
+        "requests[0].type",
+        "no nesting",
+    ),
+    (_batch(requests=[_inner(0, type="upsert")]), "requests[0].type", "upsert"),
+    (_batch(requests=[_inner(0, reply_to="elsewhere")]), "requests[0].reply_to", "reply_to"),
+    (_batch(requests=[_inner(0, reply_partition=1)]), "requests[0].reply_partition", "reply_p"),
+    (_batch(requests=[_inner(0), _inner(1), _inner(0)]), "requests[2].request_id", "twice"),
+    (_batch(requests=[_inner(0, request_id="b-1")]), "requests[0].request_id", "differ"),
+    (_batch(requests="all"), "requests", "Expected `array`"),
+    (_batch(continue_on_error=True), "", "unknown field `continue_on_error`"),
+    (_batch("execute_multiple", continue_on_error="yes"), "continue_on_error", "bool"),
+    (_batch("execute_multiple", return_responses=1), "return_responses", "bool"),
+    ({"type": "retrieve_entity", "request_id": "m-1", "entity": 5}, "entity", "str"),
+    ({"type": "retrieve_entity", "request_id": "m-1"}, "", "missing required field `entity`"),
+    ({"type": "retrieve_entity", "request_id": "m-1", "entity": "a", "id": 1}, "", "id"),
+    (_inner(0, reply_partition=-1), "reply_partition", ">= 0"),
+    (_inner(0, reply_partition=2**31), "reply_partition", "<= 2147483647"),
+    (_inner(0, reply_partition="3"), "reply_partition", "int"),
+    (_inner(0, reply_partition=1.5), "reply_partition", "int"),
+]
+
+
+@pytest.mark.parametrize(("document", "path", "words"), BAD_INPUTS)
+def test_each_new_bad_input_is_a_clear_fault_and_a_dead_letter(
+    document: dict[str, Any], path: str, words: str
+) -> None:
+    msg = Msg(json.dumps(document).encode())
+    item = admit(msg, max_bytes=10**7, now=NOW)
+    assert isinstance(item, Rejected)
+    assert isinstance(item.fault, InvalidArgument)
+    assert (item.fault.path or "") == path, item.fault
+    assert words in item.fault.message, item.fault.message
+    assert item.reply is not None  # addressed: the sender gets the fault reply
+    assert item.reply.type == document["type"]
+    _check_rejected(item, msg, 10**7)
+
+
+def test_a_salvaged_reply_partition_addresses_the_fault_reply() -> None:
+    """A request that does not decode still gets its fault reply on its partition."""
+    msg = Msg(json.dumps(_inner(0, reply_partition=2, id=1.5)).encode())
+    item = admit(msg, max_bytes=MAX_BYTES, now=NOW)
+    assert isinstance(item, Rejected)
+    assert item.reply_partition == 2
+    records = rejected_records(item, reply_topic=REPLIES, dlq_topic=DLQ, now=NOW)
+    assert records[0].partition == 2
+
+
+def test_the_fingerprint_ignores_reply_partition_and_is_unchanged_for_old_requests() -> None:
+    """A client resends a request to the partition it owns after a rebalance: the same
+    request. And a request without reply_partition hashes exactly as before the field
+    existed (this digest was computed before it), so ledgered replies keep matching."""
+    raw = {
+        "type": "update",
+        "request_id": "r",
+        "entity": "a",
+        "id": 1,
+        "attributes": {"reply_partition": 1, "b": [1.5]},
+        "concurrency_behavior": 1,
+    }
+    digest = "9fef958a24fb6e159aa48a87d6342fd70668ffeb5044a3ef3e06e4e34cab7c11"
+    assert request_fingerprint(decode_request(json.dumps(raw).encode())).hex() == digest
+    for partition in (0, 7, 2**31 - 1):
+        moved = decode_request(json.dumps(raw | {"reply_partition": partition}).encode())
+        assert request_fingerprint(moved).hex() == digest
+    batch = decode_request(json.dumps(_batch()).encode())
+    moved_batch = decode_request(json.dumps(_batch(reply_partition=3)).encode())
+    assert request_fingerprint(batch) == request_fingerprint(moved_batch)
+    assert request_fingerprint(batch) != request_fingerprint(
+        decode_request(json.dumps(_batch(return_responses=False)).encode())
+    )

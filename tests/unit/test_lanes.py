@@ -99,3 +99,21 @@ def test_the_split_is_deterministic() -> None:
     rng = random.Random(3)
     rows = [[rng.randrange(50)] for _ in range(500)]
     assert lanes.split(list(range(500)), rows, 4) == lanes.split(list(range(500)), rows, 4)
+
+
+def test_rows_of_an_execute_request_are_its_requests_rows() -> None:
+    """The lanes and the rounds see a batch as touching every row its requests touch."""
+    from processor.contract import decode_request
+    from processor.engine import rows_of
+    from processor.registry import Registry
+
+    batch = decode_request(
+        b'{"type":"execute_multiple","request_id":"b","requests":['
+        b'{"type":"update","request_id":"1","entity":"a","id":1,"attributes":{"x":1},'
+        b'"related":[{"entity":"b","id":"k","attributes":{"y":1}}]},'
+        b'{"type":"delete","request_id":"2","entity":"a","id":2},'
+        b'{"type":"retrieve","request_id":"3","entity":"a","id":1}]}'
+    )
+    assert rows_of(Registry({}), batch) == [("a", 1), ("b", "k"), ("a", 2)]
+    meta = decode_request(b'{"type":"retrieve_entity","request_id":"m","entity":"a"}')
+    assert rows_of(Registry({}), meta) == []
