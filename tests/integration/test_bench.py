@@ -61,6 +61,11 @@ async def test_quick_bench_runs_and_its_checks_pass(
                 assert run_["ok"], (run_["name"], run_["problems"])
                 assert run_["throughput"] > 0, run_["name"]
     assert [p["requests"] for p in results["curves"]["backlog"]] == [100, 300]
+    processors = [e for e in results["contenders"] if e["drain"]["name"].startswith("processor")]
+    for entry in processors:
+        assert entry["idle"]["ok"], entry["drain"]["name"]
+        assert entry["idle"]["p99_ms"] > 0, entry["drain"]["name"]
+        assert entry["drain"]["transactions_per_1k"] > 0, entry["drain"]["name"]
     assert "**FAILED**" not in report
     assert "## Targets" in report
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
@@ -70,3 +75,58 @@ async def test_quick_bench_runs_and_its_checks_pass(
         "processor_load.png",
         "processor_skew.png",
     ]
+
+
+@pytest.mark.timeout(600)
+async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_code(
+    stack_endpoints: Endpoints, tmp_path: Path
+) -> None:
+    """--baseline HEAD: the same processor contender run from a worktree of HEAD, beside the
+    current tree's, at 3 partitions; the old-vs-new section lists both, the worktree is gone
+    after the run."""
+    database = f"bench_test_{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": stack_endpoints.kafka_bootstrap,
+        "DATABASE_URL": stack_endpoints.database_url,
+    }
+    short = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    command = [
+        str(ROOT / "ops" / "bench"),
+        *("--quick", "--only", "processor", "--baseline", "HEAD", "--partitions", "3"),
+        *("--workers", "1", "--lanes", "2", "--idle-requests", "10"),
+        *("--requests", "200", "--keys", "50", "--load-seconds", "1", "--database", database),
+        *("--report", str(tmp_path / "BENCHMARKS.md"), "--plots", str(tmp_path / "plots")),
+        *("--workdir", str(tmp_path / "work")),
+    ]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=580)
+    finally:
+        conn = await asyncpg.connect(stack_endpoints.database_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((tmp_path / "plots" / "results.json").read_text())
+    by_name = {e["drain"]["name"]: e for e in results["contenders"]}
+    assert set(by_name) == {"processor-1w-l2", f"processor-1w-l2@{short}"}
+    for entry in by_name.values():
+        assert entry["drain"]["extra"]["partitions"] == 3
+        assert entry["drain"]["transactions_per_1k"] > 0
+        assert entry["drain"]["extra"]["transactions_counted_by"] == "metrics"
+        assert entry["load"]["ok"]
+        assert entry["idle"]["ok"]
+    assert by_name[f"processor-1w-l2@{short}"]["drain"]["extra"]["baseline"] == short
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Old vs new commit path" in report
+    assert f"| processor-1w-l2 / processor-1w-l2@{short} | 3 |" in report
+    worktrees = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(tmp_path / "work" / "baseline") not in worktrees
