@@ -7,11 +7,15 @@ passed, and that the report, its JSON and the plots were written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import pytest
@@ -121,6 +125,7 @@ async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_
         assert entry["drain"]["transactions_per_1k"] > 0
         assert entry["drain"]["extra"]["transactions_counted_by"] == "metrics"
         assert entry["load"]["ok"]
+        assert entry["load"]["transactions_per_1k"] > 0
         assert entry["idle"]["ok"]
     assert by_name[f"processor-1w-l2@{short}"]["drain"]["extra"]["baseline"] == short
     report = (tmp_path / "BENCHMARKS.md").read_text()
@@ -130,3 +135,33 @@ async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_
         ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
     ).stdout
     assert str(tmp_path / "work" / "baseline") not in worktrees
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ops_bench", ROOT / "ops" / "bench.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ops_bench", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_old_workers_transactions_are_counted_from_its_debug_log(tmp_path: Path) -> None:
+    """The per-partition worker (a8821c1) logs one `batch committed` line per batch with
+    the partitions it committed, one transaction each; lines before `since` are not
+    counted (the warm-up of a load run)."""
+    log = tmp_path / "worker.log"
+    log.write_text(
+        '{"partitions": [0, 2, 4], "records": 1000, "event": "batch committed", '
+        '"level": "debug", "timestamp": "2026-12-02T07:44:19.939310Z"}\n'
+        "not json\n"
+        '{"event": "partitions assigned", "partitions": [0, 1], '
+        '"timestamp": "2026-12-02T07:44:20.000000Z"}\n'
+        '{"partitions": [2], "records": 513, "event": "batch committed", '
+        '"level": "debug", "timestamp": "2026-12-02T07:44:20.667871Z"}\n'
+    )
+    bench = _bench_module()
+    assert bench.logged_transactions([str(log)]) == 4
+    since = datetime(2026, 12, 2, 7, 44, 20, tzinfo=UTC).timestamp()
+    assert bench.logged_transactions([str(log)], since=since) == 1
