@@ -5,6 +5,13 @@ Run it through ``ops/bench`` (the project's .venv python)::
     ops/bench                 # full run: BENCHMARKS.md and docs/bench/*.png (~20-30 min)
     ops/bench --quick         # CI-sized (< 3 min): .cache/bench/quick/BENCHMARKS.md
 
+    # the old commit path (a8821c1, in a git worktree) against the current one, 6 then 48
+    # partitions; the second report holds both runs ("Old vs new commit path"):
+    ops/bench --only processor,kafka --baseline a8821c1 --partitions 6 \
+        --report /tmp/b6/BENCHMARKS.md --plots /tmp/b6
+    ops/bench --only processor,kafka --baseline a8821c1 --partitions 48 \
+        --compare-with /tmp/b6/results.json --report /tmp/b48/BENCHMARKS.md --plots /tmp/b48
+
 Every contender drains the *same* preloaded backlog (same requests, same keys, same
 conflicts, same table) one after another, then serves an open-loop load at half its own
 drain rate for the latency figures:
@@ -15,7 +22,9 @@ drain rate for the latency figures:
 - ``kafka`` / ``kafka-txn``: the Kafka ceiling, no database (ops/bench_contenders.py);
 - ``naive``: consume one message, one transaction, send_and_wait, commit the offset;
 - ``faststream``: a FastStream handler doing the same work with asyncpg;
-- ``processor-<w>w-l<lanes>``: real ``processor run`` subprocesses.
+- ``processor-<w>w-l<lanes>``: real ``processor run`` subprocesses; with ``--baseline REV``
+  each also as ``processor-<w>w-l<lanes>@REV``, the same run from that commit's tree. Each
+  processor contender also gets an idle run: one closed-loop client.
 
 The workload: update requests on ``bench.counter(id, n, version)`` with
 IfRowVersionMatches. The row version is the bigint ``version`` column (not xmin): a backlog
@@ -288,6 +297,7 @@ class Result:
     peak_rss_mb: float | None = None
     commits_per_request: float | None = None
     foreign_cores: float | None = None  # other processes' CPU during the run, in cores
+    transactions_per_1k: float | None = None  # Kafka transactions the workers committed
     ok: bool = True
     problems: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -416,6 +426,9 @@ async def reset_database(env: Env, keys: int) -> None:
         await conn.execute("INSERT INTO bench.counter (id) SELECT generate_series(1, $1)", keys)
         await conn.execute("VACUUM ANALYZE bench.counter")
         await conn.execute(f"VACUUM ANALYZE {LEDGER_SCHEMA}.request_ledger")
+        # The baseline's (per-partition design) own table, if it was migrated.
+        if await conn.fetchval(f"SELECT to_regclass('{LEDGER_SCHEMA}.offset_marks')"):
+            await conn.execute(f"TRUNCATE {LEDGER_SCHEMA}.offset_marks")
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
@@ -558,6 +571,7 @@ class Collector:
         self.warmup = warmup
         self.latencies = array("d")
         self.received_at: list[float] = []  # monotonic receipt of each non-warmup reply
+        self.arrived = asyncio.Event()  # set on every new reply: the closed loop waits on it
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -607,6 +621,7 @@ class Collector:
                     seen[seq] = 1
                     self.unique += 1
                     self.last_new = now
+                    self.arrived.set()
                     ts = record.timestamp
                     if self.first_ts is None or ts < self.first_ts:
                         self.first_ts = ts
@@ -667,23 +682,66 @@ class Collector:
 
 
 @dataclass(frozen=True, slots=True)
+class Baseline:
+    """An older commit of the project checked out in a git worktree: its ``processor``."""
+
+    rev: str  # short commit id: the contender's name suffix
+    path: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        # Ahead of the editable install of the current tree: `-m processor` imports this one.
+        return {"PYTHONPATH": str(self.path)}
+
+
+@dataclass(frozen=True, slots=True)
 class Contender:
     name: str
     kind: str  # processor | naive | faststream | kafka | kafka-txn
     workers: int = 1
     lanes: int = 2
     max_batch: int = 1000
+    baseline: Baseline | None = None  # processor: run the old code from this worktree
 
     @property
     def uses_database(self) -> bool:
         return not self.kind.startswith("kafka")
 
 
-def processor(workers: int, lanes: int, max_batch: int = 1000) -> Contender:
+def processor(
+    workers: int, lanes: int, max_batch: int = 1000, baseline: Baseline | None = None
+) -> Contender:
     suffix = f"-b{max_batch}" if max_batch != 1000 else ""
+    suffix += f"@{baseline.rev}" if baseline else ""
     return Contender(
-        f"processor-{workers}w-l{lanes}{suffix}", "processor", workers, lanes, max_batch
+        f"processor-{workers}w-l{lanes}{suffix}", "processor", workers, lanes, max_batch, baseline
     )
+
+
+def processor_env(env: Env, t: Topics, c: Contender) -> dict[str, str]:
+    """The environment of a ``processor`` subprocess (run or migrate) of contender ``c``."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": env.bootstrap,
+        "DATABASE_URL": env.dsn,
+        "PROCESSOR_REQUEST_TOPIC": t.requests,
+        "PROCESSOR_REPLY_TOPIC": t.replies,
+        "PROCESSOR_DLQ_TOPIC": t.dlq,
+        "PROCESSOR_GROUP_ID": t.group,
+        "PROCESSOR_ENTITIES": str(env.registry),
+        "PROCESSOR_LEDGER_SCHEMA": LEDGER_SCHEMA,
+        "PROCESSOR_LANES": str(c.lanes),
+        "PROCESSOR_MAX_BATCH": str(c.max_batch),
+        "PROCESSOR_METRICS_PORT": "0",
+        **(c.baseline.env if c.baseline else {}),
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(slots=True)
@@ -699,25 +757,29 @@ class Topics:
         return cls(f"bench-req-{run}", f"bench-rep-{run}", f"bench-dlq-{run}", f"bench-{run}")
 
 
-def start_contender(env: Env, c: Contender, t: Topics) -> list[subprocess.Popen[bytes]]:
+def start_contender(
+    env: Env,
+    c: Contender,
+    t: Topics,
+    *,
+    metrics_ports: Sequence[int] = (),
+    log_level: str | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    """Start the contender's processes; processor worker ``i`` serves /metrics on
+    ``metrics_ports[i]`` if given."""
     procs = []
     for i in range(c.workers):
         if c.kind == "processor":
             cmd = [sys.executable, "-m", "processor", "run"]
             extra = {
-                "KAFKA_BOOTSTRAP_SERVERS": env.bootstrap,
-                "DATABASE_URL": env.dsn,
-                "PROCESSOR_REQUEST_TOPIC": t.requests,
-                "PROCESSOR_REPLY_TOPIC": t.replies,
-                "PROCESSOR_DLQ_TOPIC": t.dlq,
-                "PROCESSOR_GROUP_ID": t.group,
-                "PROCESSOR_ENTITIES": str(env.registry),
-                "PROCESSOR_LEDGER_SCHEMA": LEDGER_SCHEMA,
-                "PROCESSOR_LANES": str(c.lanes),
-                "PROCESSOR_MAX_BATCH": str(c.max_batch),
-                "PROCESSOR_METRICS_PORT": "0",
-                "PROCESSOR_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
+                **processor_env(env, t, c),
+                # The transactional id is <group>-<worker id>: unique per live worker (the
+                # default, the host name, is the same for all of them here).
+                "PROCESSOR_WORKER_ID": f"w{i}",
+                "PROCESSOR_LOG_LEVEL": log_level or os.environ.get("BENCH_LOG_LEVEL", "warning"),
             }
+            if i < len(metrics_ports):
+                extra["PROCESSOR_METRICS_PORT"] = str(metrics_ports[i])
         else:
             cmd = [
                 sys.executable,
@@ -813,11 +875,26 @@ async def check_database(env: Env, c: Contender, plan: Plan, result: Result) -> 
 # --- runs --------------------------------------------------------------------------------
 
 
-async def drain(env: Env, c: Contender, plan: Plan, *, stall: float = 60.0) -> Result:
-    """The contender empties a preloaded backlog: drain rate, cost, commits, correctness."""
+def describe(c: Contender) -> dict[str, Any]:
+    return {
+        "workers": c.workers,
+        "lanes": c.lanes,
+        "max_batch": c.max_batch,
+        "baseline": c.baseline.rev if c.baseline else None,
+    }
+
+
+async def drain(
+    env: Env, c: Contender, plan: Plan, *, stall: float = 60.0, log_level: str | None = None
+) -> Result:
+    """The contender empties a preloaded backlog: drain rate, cost, commits, correctness.
+
+    A current processor's Kafka transactions are read from its /metrics
+    (``processor_kafka_transactions_total``) before and after.
+    """
     result = Result(c.name, "drain", plan.workload.describe(), requests=len(plan))
-    result.extra.update(workers=c.workers, lanes=c.lanes, max_batch=c.max_batch)
-    say(f"drain: {c.name} on {plan.workload.describe()}")
+    result.extra.update(describe(c), partitions=env.partitions)
+    say(f"drain: {c.name} on {plan.workload.describe()}, {env.partitions} partitions")
     await reset_database(env, plan.workload.keys)
     t = Topics.fresh(c.kind)
     await create_topics(env, [t.requests, t.replies, t.dlq])
@@ -825,16 +902,24 @@ async def drain(env: Env, c: Contender, plan: Plan, *, stall: float = 60.0) -> R
     collector = Collector(
         env, t.replies, plan, check_outcomes=c.kind != "kafka" and c.kind != "kafka-txn"
     )
-    procs = start_contender(env, c, t)
+    ports = [free_port() for _ in range(c.workers)] if c.kind == "processor" else []
+    first_log = len(env.logs)
+    procs = start_contender(env, c, t, metrics_ports=ports, log_level=log_level)
+    result.extra["logs"] = [str(p) for p in env.logs[first_log:]]
     try:
         await wait_group(env, t.group, c.workers, procs, within=90)
         await collector.start()
         commits0 = await commits(env)
+        txns0 = await transactions(ports)
         start = mark(env, procs)
         await gate.commit_transaction()
         await gate.stop()
         complete = await collector.wait(len(plan), stall=stall, procs=procs)
         end = mark(env, procs)
+        txns1 = await transactions(ports)
+        if txns0 is not None and txns1 is not None:
+            result.transactions_per_1k = (txns1 - txns0) * 1000 / len(plan)
+            result.extra["transactions_counted_by"] = "metrics"
         result.peak_rss_mb = max(peak_rss(p.pid) for p in procs) / 2**20
         await asyncio.sleep(1.0)  # a late duplicate would show now
         if not complete:
@@ -864,6 +949,53 @@ async def drain(env: Env, c: Contender, plan: Plan, *, stall: float = 60.0) -> R
     return result
 
 
+async def transactions(ports: Sequence[int]) -> float | None:
+    """Kafka transactions the workers serving /metrics on ``ports`` committed, summed; None
+    if one of them does not count them (an older worker) or does not answer."""
+    if not ports:
+        return None
+    import urllib.request
+
+    def scrape(port: int) -> float | None:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        found = re.search(r"^processor_kafka_transactions_total (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            counts = [await asyncio.to_thread(scrape, port) for port in ports]
+            return None if None in counts else sum(c for c in counts if c is not None)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                say(f"  /metrics on {list(ports)} does not answer ({exc}): no transaction count")
+                return None
+            await asyncio.sleep(0.2)  # the worker may still be opening its HTTP port
+
+
+def logged_transactions(logs: Sequence[str], since: float | None = None) -> int:
+    """Kafka transactions of an old (per-partition) worker, from its debug log: each
+    ``batch committed`` line lists the partitions committed, one transaction each; only
+    lines stamped at or after ``since`` (epoch seconds) if given."""
+    count = 0
+    for path in logs:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if '"batch committed"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") != "batch committed" or "partitions" not in event:
+                    continue
+                if since is None or (
+                    "timestamp" in event
+                    and datetime.fromisoformat(event["timestamp"]).timestamp() >= since
+                ):
+                    count += len(event["partitions"])
+    return count
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -871,14 +1003,23 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def load(env: Env, c: Contender, workload: Workload, rate: float, seconds: float) -> Result:
-    """Open loop at ``rate`` requests/s for ``seconds``: latency from intended send to reply."""
+async def load(
+    env: Env,
+    c: Contender,
+    workload: Workload,
+    rate: float,
+    seconds: float,
+    *,
+    log_level: str | None = None,
+) -> Result:
+    """Open loop at ``rate`` requests/s for ``seconds``: latency from intended send to reply;
+    a processor's Kafka transactions as in drain()."""
     warmup = max(50, 8 * env.partitions)
     total = warmup + max(1, int(rate * seconds))
     plan = Plan(replace(workload, requests=total), env.partitions)
     result = Result(c.name, "load", plan.workload.describe(), requests=total - warmup)
     result.offered = rate
-    result.extra.update(workers=c.workers, lanes=c.lanes, max_batch=c.max_batch)
+    result.extra.update(describe(c), partitions=env.partitions)
     say(f"load: {c.name} at {rate:,.0f} req/s for {seconds:.0f}s")
     await reset_database(env, workload.keys)
     t = Topics.fresh(c.kind)
@@ -890,7 +1031,10 @@ async def load(env: Env, c: Contender, workload: Workload, rate: float, seconds:
         bootstrap_servers=env.bootstrap, enable_idempotence=True, linger_ms=0
     )
     await producer.start()
-    procs = start_contender(env, c, t)
+    ports = [free_port() for _ in range(c.workers)] if c.kind == "processor" else []
+    first_log = len(env.logs)
+    procs = start_contender(env, c, t, metrics_ports=ports, log_level=log_level)
+    result.extra["logs"] = [str(p) for p in env.logs[first_log:]]
     try:
         await wait_group(env, t.group, c.workers, procs, within=90)
         await collector.start()
@@ -900,7 +1044,9 @@ async def load(env: Env, c: Contender, workload: Workload, rate: float, seconds:
             await producer.send(t.requests, value, key=key, partition=partition)
         if not await collector.wait(warmup, stall=60, procs=procs):
             raise RuntimeError(f"{c.name}: no replies to the warm-up requests")
+        txns0 = await transactions(ports)
         start = mark(env, procs)
+        result.extra["timed_from"] = time.time()
         t0 = time.monotonic()
         seq = warmup
         while seq < total:
@@ -915,6 +1061,10 @@ async def load(env: Env, c: Contender, workload: Workload, rate: float, seconds:
         sent_for = time.monotonic() - t0
         complete = await collector.wait(total, stall=30, procs=procs)
         end = mark(env, procs)
+        txns1 = await transactions(ports)
+        if txns0 is not None and txns1 is not None:
+            result.transactions_per_1k = (txns1 - txns0) * 1000 / (total - warmup)
+            result.extra["transactions_counted_by"] = "metrics"
         result.peak_rss_mb = max(peak_rss(p.pid) for p in procs) / 2**20
         await asyncio.sleep(0.5)
         if not complete:
@@ -941,6 +1091,73 @@ async def load(env: Env, c: Contender, workload: Workload, rate: float, seconds:
         f"  {c.name} @ {rate:,.0f}/s: p50 {result.p50_ms or 0:.1f} ms, "
         f"p99 {result.p99_ms or 0:.1f} ms, achieved {result.throughput:,.0f}/s, "
         f"other load {fmt(result.foreign_cores, 2)} cores"
+        + ("" if result.ok else f"  FAILED: {'; '.join(result.problems)}")
+    )
+    return result
+
+
+async def idle(env: Env, c: Contender, workload: Workload, count: int) -> Result:
+    """One closed-loop client: send a request, wait for its reply (read_committed), send the
+    next; the latency of a request on an otherwise idle processor."""
+    warmup = max(20, 2 * env.partitions)
+    total = warmup + count
+    plan = Plan(replace(workload, requests=total), env.partitions)
+    result = Result(c.name, "idle", plan.workload.describe(), requests=count)
+    result.extra.update(describe(c), partitions=env.partitions)
+    say(f"idle: {c.name}, one closed-loop client, {count} requests after {warmup}")
+    await reset_database(env, workload.keys)
+    t = Topics.fresh(c.kind)
+    await create_topics(env, [t.requests, t.replies, t.dlq])
+    collector = Collector(
+        env, t.replies, plan, check_outcomes=not c.kind.startswith("kafka"), warmup=warmup
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.bootstrap, enable_idempotence=True, linger_ms=0
+    )
+    await producer.start()
+    procs = start_contender(env, c, t)
+    try:
+        await wait_group(env, t.group, c.workers, procs, within=90)
+        await collector.start()
+        start, t0 = mark(env, procs), time.monotonic()
+        for seq in range(total):
+            if seq == warmup:
+                start, t0 = mark(env, procs), time.monotonic()
+            partition, key, value = plan.record(seq)
+            collector.arrived.clear()
+            collector.sent_at[seq] = time.monotonic()
+            await producer.send(t.requests, value, key=key, partition=partition)
+            while not collector.seen[seq]:
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"{c.name}: a worker exited during the idle run")
+                try:
+                    await asyncio.wait_for(collector.arrived.wait(), timeout=30)
+                except TimeoutError:
+                    result.fail(f"no reply to request {seq} within 30 s")
+                    break
+                collector.arrived.clear()
+            if not result.ok:
+                break
+        end = mark(env, procs)
+        result.seconds = end.at - t0
+        await asyncio.sleep(0.5)  # a late duplicate would show now
+    finally:
+        stop_procs(procs)
+        await collector.stop()
+        await producer.stop()
+    lat = collector.latencies
+    if lat:
+        result.p50_ms = percentile(lat, 0.50) * 1000
+        result.p99_ms = percentile(lat, 0.99) * 1000
+        result.max_ms = max(lat) * 1000
+        result.throughput = len(lat) / max(result.seconds, 1e-9)
+    costs(env, result, start, end, count)
+    if result.ok:
+        collector.check(result, total)
+        await check_database(env, c, plan, result)
+    await delete_topics(env, [t.requests, t.replies, t.dlq])
+    say(
+        f"  {c.name} idle: p50 {fmt(result.p50_ms, 1)} ms, p99 {fmt(result.p99_ms, 1)} ms"
         + ("" if result.ok else f"  FAILED: {'; '.join(result.problems)}")
     )
     return result
@@ -1029,6 +1246,68 @@ async def pgbench_best(
     return best, runs
 
 
+# --- the baseline: an older commit in a git worktree -------------------------------------
+
+
+def add_baseline(rev: str, workdir: Path) -> Baseline:
+    """``git worktree add --detach <workdir>/baseline REV``; checks that ``python -m
+    processor`` with the baseline's environment imports that tree's package."""
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--short", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
+        raise SystemExit(f"bench: --baseline {rev!r} is not a commit of {ROOT}")
+    short = found.stdout.strip()
+    path = workdir / "baseline"
+    if path.exists():
+        raise SystemExit(f"bench: {path} exists: remove it or choose another --workdir")
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), short],
+        check=True,
+        capture_output=True,
+    )
+    baseline = Baseline(short, path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import processor; print(processor.__file__)"],
+        env={**os.environ, **baseline.env},
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    imported = Path(probe.stdout.strip() or "?").resolve()
+    if probe.returncode != 0 or not imported.is_relative_to(path.resolve()):
+        remove_baseline(baseline)
+        raise SystemExit(
+            f"bench: the baseline environment imports processor from {imported}, not from "
+            f"{path}: {probe.stderr.strip()[-300:]}"
+        )
+    say(f"baseline {short} in {path}")
+    return baseline
+
+
+def migrate_baseline(env: Env, baseline: Baseline) -> None:
+    """The old worker's ledger DDL (its offset_marks table), by its own ``migrate``."""
+    c = processor(1, 1, baseline=baseline)
+    out = subprocess.run(
+        [sys.executable, "-m", "processor", "migrate"],
+        env={**os.environ, **processor_env(env, Topics.fresh("migrate"), c)},
+        cwd=env.workdir,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"bench: the baseline's migrate failed: {out.stderr.strip()[-500:]}")
+
+
+def remove_baseline(baseline: Baseline) -> None:
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline.path)],
+        capture_output=True,
+    )
+
+
 # --- the whole benchmark -----------------------------------------------------------------
 
 
@@ -1049,6 +1328,7 @@ class Config:
     batches: tuple[int, ...]
     backlogs: tuple[int, ...]
     only: frozenset[str]
+    idle_requests: int = 300
 
     @property
     def workload(self) -> Workload:
@@ -1073,6 +1353,7 @@ def config(args: argparse.Namespace) -> Config:
             batches=(100, 1000),
             backlogs=(1_000, 5_000),
             only=frozenset(),
+            idle_requests=100,
         )
     else:
         base = Config(
@@ -1102,13 +1383,21 @@ def config(args: argparse.Namespace) -> Config:
         base.backlogs = tuple(int(x) for x in args.backlogs.split(","))
     if args.only:
         base.only = frozenset(args.only.split(","))
+    if args.partitions is not None:
+        base.partitions = args.partitions
+    if args.workers:
+        base.workers = args.workers
+    if args.lanes:
+        base.lanes = args.lanes
+    if args.idle_requests is not None:
+        base.idle_requests = args.idle_requests
     return base
 
 
 PHASES: Final = ("pgbench", "kafka", "naive", "faststream", "processor", "curves")
 
 
-async def run_all(cfg: Config, env: Env) -> dict[str, Any]:
+async def run_all(cfg: Config, env: Env, baseline: Baseline | None = None) -> dict[str, Any]:
     wanted = cfg.only or frozenset(PHASES)
     w = cfg.workload
     contenders: list[dict[str, Any]] = []  # {"drain": Result, "load": Result | None}
@@ -1117,7 +1406,7 @@ async def run_all(cfg: Config, env: Env) -> dict[str, Any]:
 
     async def drain_and_load(c: Contender, plan: Plan) -> dict[str, Any]:
         d = await drain(env, c, plan)
-        entry: dict[str, Any] = {"drain": d, "load": None}
+        entry: dict[str, Any] = {"drain": d, "load": None, "idle": None}
         if d.throughput > 0:
             entry["load"] = await load(env, c, w, d.throughput * 0.5, cfg.load_seconds)
         return entry
@@ -1130,13 +1419,13 @@ async def run_all(cfg: Config, env: Env) -> dict[str, Any]:
                 env, "pgbench-cas", PGBENCH_CAS, w, cfg.pgbench_clients, cfg.pgbench_seconds
             )
             pgbench_runs += runs
-            contenders.append({"drain": best, "load": None})
+            contenders.append({"drain": best, "load": None, "idle": None})
             batch_counts = tuple(c for c in (1, 2, 4) if c <= max(cfg.pgbench_clients))
             best, runs = await pgbench_best(
                 env, "pgbench-batch", PGBENCH_BATCH, w, batch_counts, cfg.pgbench_seconds, 100
             )
             pgbench_runs += runs
-            contenders.append({"drain": best, "load": None})
+            contenders.append({"drain": best, "load": None, "idle": None})
 
     plan = Plan(w, cfg.partitions)
     say(f"workload: {w.describe()}; {plan.successes:,} must succeed")
@@ -1151,20 +1440,36 @@ async def run_all(cfg: Config, env: Env) -> dict[str, Any]:
     best_processor: Contender | None = None
     if "processor" in wanted:
         tuning: list[Result] = []
+        # Each configuration of the current code next to the same one run from the baseline
+        # worktree, interleaved so that a drift of the machine's load hits both alike.
+        variants = [None, baseline] if baseline else [None]
         for workers in cfg.workers:
-            tried = []
+            tried: dict[Baseline | None, list[Result]] = {v: [] for v in variants}
             for lanes in cfg.lanes:
-                r = await drain(env, processor(workers, lanes), plan)
-                tried.append(r)
-                tuning.append(r)
-            best = max(tried, key=lambda r: (r.ok, r.throughput))
-            c = processor(workers, int(best.extra["lanes"]))
-            entry = {"drain": best, "load": None}
-            if best.throughput > 0:
-                entry["load"] = await load(env, c, w, best.throughput * 0.5, cfg.load_seconds)
-            contenders.append(entry)
+                for variant in variants:
+                    r = await drain(env, processor(workers, lanes, baseline=variant), plan)
+                    tried[variant].append(r)
+                    tuning.append(r)
+            for variant in variants:
+                best = max(tried[variant], key=lambda r: (r.ok, r.throughput))
+                c = processor(workers, int(best.extra["lanes"]), baseline=variant)
+                entry = {"drain": best, "load": None, "idle": None}
+                if best.throughput > 0:
+                    entry["load"] = await load(env, c, w, best.throughput * 0.5, cfg.load_seconds)
+                if cfg.idle_requests:
+                    entry["idle"] = await idle(env, c, w, cfg.idle_requests)
+                if best.transactions_per_1k is None and best.ok:
+                    await count_logged_transactions(env, c, plan, best)
+                lr = entry["load"]
+                if lr is not None and lr.transactions_per_1k is None and lr.ok:
+                    await count_logged_load_transactions(env, c, w, lr, cfg.load_seconds)
+                contenders.append(entry)
         curves["lanes"] = [asdict(r) for r in tuning]
-        ranked = [e for e in contenders if e["drain"].name.startswith("processor")]
+        ranked = [
+            e
+            for e in contenders
+            if e["drain"].name.startswith("processor") and e["drain"].extra.get("baseline") is None
+        ]
         if ranked:
             top = max(ranked, key=lambda e: (e["drain"].ok, e["drain"].throughput))["drain"]
             best_processor = processor(top.extra["workers"], top.extra["lanes"])
@@ -1178,6 +1483,34 @@ async def run_all(cfg: Config, env: Env) -> dict[str, Any]:
         "curves": curves,
         "best_processor": best_processor.name if best_processor else None,
     }
+
+
+async def count_logged_transactions(env: Env, c: Contender, plan: Plan, into: Result) -> None:
+    """An old (per-partition) worker has no transaction metric: drain the same backlog
+    again with debug logging (not the timed drain: logging costs) and count the
+    transactions it logged."""
+    d = await drain(env, c, plan, log_level="debug")
+    if not d.ok:
+        into.fail(f"the debug-logged drain counting transactions failed: {d.problems}")
+        return
+    into.transactions_per_1k = logged_transactions(d.extra["logs"]) * 1000 / len(plan)
+    into.extra["transactions_counted_by"] = "debug log"
+    into.extra["debug_drain_throughput"] = d.throughput
+
+
+async def count_logged_load_transactions(
+    env: Env, c: Contender, workload: Workload, into: Result, seconds: float
+) -> None:
+    """As count_logged_transactions, for the open loop at half drain: the same rate again,
+    with debug logging, untimed."""
+    assert into.offered is not None
+    lr = await load(env, c, workload, into.offered, seconds, log_level="debug")
+    if not lr.ok:
+        into.fail(f"the debug-logged load run counting transactions failed: {lr.problems}")
+        return
+    logged = logged_transactions(lr.extra["logs"], since=lr.extra["timed_from"])
+    into.transactions_per_1k = logged * 1000 / lr.requests
+    into.extra["transactions_counted_by"] = "debug log"
 
 
 async def processor_curves(
@@ -1334,7 +1667,7 @@ def report(
     failures = [
         (r.name, r.kind, p)
         for e in contenders
-        for r in (e["drain"], e["load"])
+        for r in (e["drain"], e["load"], e.get("idle"))
         if r is not None
         for p in r.problems
     ]
@@ -1362,6 +1695,7 @@ def report(
     if best:
         lines += [f"The processor's best configuration: **{best_name}**.", ""]
     lines += targets(results, by_name, best)
+    lines += commit_path(results)
     if notes:
         lines += ["## Findings", "", notes.strip(), ""]
     lines += curve_tables(results)
@@ -1437,6 +1771,172 @@ def targets(
             f"{'met' if growth <= 0.2 else '**missed**'} |"
         )
     return ["## Targets", "", "| target | processor | verdict |", "| --- | ---: | --- |", *rows, ""]
+
+
+def commit_path(results: dict[str, Any]) -> list[str]:
+    """Old vs new commit path: the processor contenders of this run and of the runs given
+    by --compare-with (e.g. the same comparison at another partition count)."""
+    entries = [*results["contenders"], *results.get("compared_with", [])]
+    procs = [e for e in entries if e["drain"].name.startswith("processor")]
+    if not any(e["drain"].extra.get("baseline") for e in procs):
+        return []
+
+    def parts(e: dict[str, Any]) -> int | None:
+        value = e["drain"].extra.get("partitions")
+        return int(value) if value is not None else None
+
+    def idle_of(e: dict[str, Any]) -> Result | None:
+        r: Result | None = e.get("idle")
+        return r
+
+    def half(e: dict[str, Any], what: str) -> float | None:
+        lr: Result | None = e["load"]
+        return getattr(lr, what) if lr else None
+
+    def idle_ms(e: dict[str, Any], what: str) -> float | None:
+        r = idle_of(e)
+        return getattr(r, what) if r else None
+
+    def correct(e: dict[str, Any]) -> bool:
+        return all(r.ok for r in (e["drain"], e["load"], idle_of(e)) if r is not None)
+
+    columns = (
+        ("drain", lambda e: e["drain"].throughput),
+        ("p50", lambda e: half(e, "p50_ms")),
+        ("p99", lambda e: half(e, "p99_ms")),
+        ("idle p50", lambda e: idle_ms(e, "p50_ms")),
+        ("idle p99", lambda e: idle_ms(e, "p99_ms")),
+        ("txn", lambda e: e["drain"].transactions_per_1k),
+        ("txn half", lambda e: half(e, "transactions_per_1k")),
+        ("cpu", lambda e: e["drain"].worker_cpu_per_1k),
+    )
+    lines = [
+        "## Old vs new commit path",
+        "",
+        "The current worker (one transactional producer per worker, one Kafka transaction per",
+        "batch over all its partitions, KIP-447) against the baseline commit (`@<rev>`: one",
+        "producer and one transaction per input partition per batch), run from a git worktree",
+        "on the same box, one after the other on the same backlog. p50/p99: open loop at half",
+        "of the contender's own drain rate; idle: one closed-loop client (send, wait for the",
+        "reply read_committed, send the next). Transactions/1k are counted during the drain",
+        "and during the open loop at half drain (after its warm-up), from the worker's",
+        "/metrics (`processor_kafka_transactions_total`) before and after; a worker without",
+        "that metric (the per-partition design) by its debug log instead (`batch committed`",
+        "lists one transaction per partition) in a second, untimed run of the same drain or",
+        "rate. The `counted by` column says which. In a drain a batch (PROCESSOR_MAX_BATCH",
+        "records) is mostly filled from one or two partitions' fetched data, so both designs",
+        "make about one transaction per batch there; the difference shows at half drain.",
+        "",
+        "| contender | partitions | drain req/s | p50 ms | p99 ms | idle p50 ms | idle p99 ms "
+        "| transactions/1k drain | transactions/1k half drain | counted by | worker CPU s/1k "
+        "| correct |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    order = sorted(
+        procs, key=lambda e: (parts(e) or 0, e["drain"].extra.get("workers", 0), e["drain"].name)
+    )
+    for e in order:
+        d = e["drain"]
+        vals = [f(e) for _, f in columns]
+        lines.append(
+            f"| {d.name} | {fmt(parts(e))} | {fmt(vals[0])} | {fmt(vals[1], 1)} | "
+            f"{fmt(vals[2], 1)} | {fmt(vals[3], 1)} | {fmt(vals[4], 1)} | {fmt(vals[5], 1)} | "
+            f"{fmt(vals[6], 1)} | {d.extra.get('transactions_counted_by', '-')} | "
+            f"{fmt(vals[7], 3)} | "
+            f"{'yes' if correct(e) else '**FAILED**'} |"
+        )
+
+    def pairing(e: dict[str, Any]) -> tuple[int | None, Any]:
+        return parts(e), e["drain"].extra.get("workers")
+
+    olds = [e for e in order if e["drain"].extra.get("baseline")]
+    pairs = [
+        (new, old)
+        for new in order
+        if not new["drain"].extra.get("baseline")
+        for old in olds
+        if pairing(old) == pairing(new)
+    ]
+    if pairs:
+        lines += [
+            "",
+            "Ratios new/old (drain: higher is better; the others: lower is better):",
+            "",
+            "| new / old | partitions | drain | p50 | p99 | idle p50 | idle p99 "
+            "| transactions/1k drain | transactions/1k half drain | worker CPU s/1k |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for new, old in pairs:
+            cells = " | ".join(ratio(f(new), f(old)) for _, f in columns)
+            lines.append(
+                f"| {new['drain'].name} / {old['drain'].name} | {fmt(parts(new))} | {cells} |"
+            )
+    lines += ["", *commit_path_targets(entries, order), ""]
+    return lines
+
+
+def commit_path_targets(entries: list[dict[str, Any]], procs: list[dict[str, Any]]) -> list[str]:
+    """Issue 11's targets, for every current-code processor contender."""
+
+    def parts(e: dict[str, Any]) -> Any:
+        return e["drain"].extra.get("partitions")
+
+    def verdict(good: bool | None) -> str:
+        return "n/a" if good is None else ("met" if good else "**not met**")
+
+    kafka_txn = {parts(e): e["drain"] for e in entries if e["drain"].name == "kafka-txn"}
+    new = [e for e in procs if not e["drain"].extra.get("baseline")]
+    rows = []
+    for e in new:
+        d, lr, ir = e["drain"], e["load"], e.get("idle")
+        where = f"| {d.name} | {fmt(parts(e))} "
+        k = kafka_txn.get(parts(e))
+        if k is not None and k.ok and k.throughput:
+            got = d.throughput / k.throughput
+            rows.append(
+                where + f"| drain >= 1.5x kafka-txn ({fmt(k.throughput)} req/s) | {got:.2f}x "
+                f"| {verdict(got >= 1.5)} |"
+            )
+        else:
+            rows.append(
+                where + "| drain >= 1.5x kafka-txn | not measured (add kafka to --only) | n/a |"
+            )
+        p99 = lr.p99_ms if lr else None
+        rows.append(
+            where + f"| p99 at half drain <= 100 ms | {fmt(p99, 1, ' ms')} "
+            f"| {verdict(None if p99 is None else p99 <= 100)} |"
+        )
+        p50i, p99i = (ir.p50_ms, ir.p99_ms) if ir else (None, None)
+        rows.append(
+            where + f"| idle p50 <= 10 ms | {fmt(p50i, 1, ' ms')} "
+            f"| {verdict(None if p50i is None else p50i <= 10)} |"
+        )
+        rows.append(
+            where + f"| idle p99 <= 20 ms | {fmt(p99i, 1, ' ms')} "
+            f"| {verdict(None if p99i is None else p99i <= 20)} |"
+        )
+        fewer = [
+            o
+            for o in new
+            if o["drain"].extra.get("workers") == d.extra.get("workers")
+            and parts(o) is not None
+            and parts(e) is not None
+            and parts(o) < parts(e)
+        ]
+        for o in fewer:
+            got = d.throughput / max(o["drain"].throughput, 1e-9)
+            rows.append(
+                where + f"| drain >= 0.9x the {parts(o)}-partition drain "
+                f"({o['drain'].name}, {fmt(o['drain'].throughput)} req/s) | {got:.2f}x "
+                f"| {verdict(got >= 0.9)} |"
+            )
+    return [
+        "Targets (issue 11), for the current code:",
+        "",
+        "| contender | partitions | target | measured | verdict |",
+        "| --- | ---: | --- | ---: | --- |",
+        *rows,
+    ]
 
 
 def curve_tables(results: dict[str, Any]) -> list[str]:
@@ -1591,25 +2091,28 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
 def to_json(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "meta": meta,
-        "contenders": [
-            {"drain": asdict(e["drain"]), "load": asdict(e["load"]) if e["load"] else None}
-            for e in results["contenders"]
-        ],
+        "contenders": [entry_json(e) for e in results["contenders"]],
+        "compared_with": [entry_json(e) for e in results.get("compared_with", [])],
         "pgbench": [asdict(r) for r in results["pgbench"]],
         "curves": results["curves"],
         "best_processor": results["best_processor"],
     }
 
 
+def entry_json(e: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: asdict(e[key]) if e.get(key) is not None else None for key in ("drain", "load", "idle")
+    }
+
+
+def entry_from_json(e: dict[str, Any]) -> dict[str, Any]:
+    return {key: Result(**e[key]) if e.get(key) else None for key in ("drain", "load", "idle")}
+
+
 def from_json(data: dict[str, Any]) -> dict[str, Any]:
     return {
-        "contenders": [
-            {
-                "drain": Result(**e["drain"]),
-                "load": Result(**e["load"]) if e["load"] else None,
-            }
-            for e in data["contenders"]
-        ],
+        "contenders": [entry_from_json(e) for e in data["contenders"]],
+        "compared_with": [entry_from_json(e) for e in data.get("compared_with", [])],
         "pgbench": [Result(**r) for r in data["pgbench"]],
         "curves": data["curves"],
         "best_processor": data["best_processor"],
@@ -1644,7 +2147,7 @@ def write_outputs(
 
 def all_ok(results: dict[str, Any]) -> bool:
     for e in results["contenders"]:
-        for r in (e["drain"], e["load"]):
+        for r in (e["drain"], e["load"], e.get("idle")):
             if r is not None and not r.ok:
                 return False
     for curve in results["curves"].values():
@@ -1653,6 +2156,20 @@ def all_ok(results: dict[str, Any]) -> bool:
                 if isinstance(r, dict) and "ok" in r and not r["ok"]:
                     return False
     return True
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_list(text: str) -> tuple[int, ...]:
+    return tuple(positive(x) for x in text.split(","))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1665,6 +2182,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, help="length of each open-loop run")
     parser.add_argument("--backlogs", help="backlog sizes of that curve, e.g. 10000,100000")
     parser.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
+    parser.add_argument(
+        "--partitions", type=positive, help="partitions of the request and reply topics (6)"
+    )
+    parser.add_argument("--workers", type=positive_list, help="processor worker counts, e.g. 1,2")
+    parser.add_argument("--lanes", type=positive_list, help="processor lane counts tried, e.g. 2")
+    parser.add_argument(
+        "--idle-requests",
+        type=int,
+        help="requests of each processor's closed-loop idle run (300; 0: none)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run each processor contender from this commit (a git worktree), e.g. a8821c1",
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="add that run's processor contenders to the old-vs-new section (e.g. the run at "
+        "another partition count)",
+    )
     parser.add_argument("--report", type=Path, help="where BENCHMARKS.md goes")
     parser.add_argument("--plots", type=Path, help="directory of the PNG plots")
     parser.add_argument("--workdir", type=Path, help="scratch: registry, pgbench scripts, logs")
@@ -1681,6 +2222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only rewrite the report and plots from a run's results.json",
     )
     args = parser.parse_args(argv)
+    if args.idle_requests is not None and args.idle_requests < 0:
+        parser.error("--idle-requests must be >= 0")
     cfg = config(args)
     unknown = cfg.only - set(PHASES)
     if unknown:
@@ -1701,8 +2244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = machine()
     say(f"workdir {workdir}; load average {started['load average at start']}")
     t0 = time.monotonic()
+    compared = []
+    for path in args.compare_with:
+        try:
+            compared += from_json(json.loads(path.read_text()))["contenders"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--compare-with {path}: not a bench results.json ({exc})")
     env = asyncio.run(prepare(workdir, cfg.partitions, args.database))
-    results = asyncio.run(run_all(cfg, env))
+    baseline = add_baseline(args.baseline, workdir) if args.baseline else None
+    try:
+        if baseline is not None:
+            migrate_baseline(env, baseline)
+            env.versions["baseline"] = baseline.rev
+        results = asyncio.run(run_all(cfg, env, baseline))
+    finally:
+        if baseline is not None:
+            remove_baseline(baseline)
+    results["compared_with"] = compared
     load1, load5, load15 = os.getloadavg()
     meta = {
         "command": command.strip(),

@@ -7,11 +7,15 @@ passed, and that the report, its JSON and the plots were written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import pytest
@@ -61,6 +65,11 @@ async def test_quick_bench_runs_and_its_checks_pass(
                 assert run_["ok"], (run_["name"], run_["problems"])
                 assert run_["throughput"] > 0, run_["name"]
     assert [p["requests"] for p in results["curves"]["backlog"]] == [100, 300]
+    processors = [e for e in results["contenders"] if e["drain"]["name"].startswith("processor")]
+    for entry in processors:
+        assert entry["idle"]["ok"], entry["drain"]["name"]
+        assert entry["idle"]["p99_ms"] > 0, entry["drain"]["name"]
+        assert entry["drain"]["transactions_per_1k"] > 0, entry["drain"]["name"]
     assert "**FAILED**" not in report
     assert "## Targets" in report
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
@@ -70,3 +79,89 @@ async def test_quick_bench_runs_and_its_checks_pass(
         "processor_load.png",
         "processor_skew.png",
     ]
+
+
+@pytest.mark.timeout(600)
+async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_code(
+    stack_endpoints: Endpoints, tmp_path: Path
+) -> None:
+    """--baseline HEAD: the same processor contender run from a worktree of HEAD, beside the
+    current tree's, at 3 partitions; the old-vs-new section lists both, the worktree is gone
+    after the run."""
+    database = f"bench_test_{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": stack_endpoints.kafka_bootstrap,
+        "DATABASE_URL": stack_endpoints.database_url,
+    }
+    short = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    command = [
+        str(ROOT / "ops" / "bench"),
+        *("--quick", "--only", "processor", "--baseline", "HEAD", "--partitions", "3"),
+        *("--workers", "1", "--lanes", "2", "--idle-requests", "10"),
+        *("--requests", "200", "--keys", "50", "--load-seconds", "1", "--database", database),
+        *("--report", str(tmp_path / "BENCHMARKS.md"), "--plots", str(tmp_path / "plots")),
+        *("--workdir", str(tmp_path / "work")),
+    ]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=580)
+    finally:
+        conn = await asyncpg.connect(stack_endpoints.database_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((tmp_path / "plots" / "results.json").read_text())
+    by_name = {e["drain"]["name"]: e for e in results["contenders"]}
+    assert set(by_name) == {"processor-1w-l2", f"processor-1w-l2@{short}"}
+    for entry in by_name.values():
+        assert entry["drain"]["extra"]["partitions"] == 3
+        assert entry["drain"]["transactions_per_1k"] > 0
+        assert entry["drain"]["extra"]["transactions_counted_by"] == "metrics"
+        assert entry["load"]["ok"]
+        assert entry["load"]["transactions_per_1k"] > 0
+        assert entry["idle"]["ok"]
+    assert by_name[f"processor-1w-l2@{short}"]["drain"]["extra"]["baseline"] == short
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Old vs new commit path" in report
+    assert f"| processor-1w-l2 / processor-1w-l2@{short} | 3 |" in report
+    worktrees = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(tmp_path / "work" / "baseline") not in worktrees
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ops_bench", ROOT / "ops" / "bench.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ops_bench", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_old_workers_transactions_are_counted_from_its_debug_log(tmp_path: Path) -> None:
+    """The per-partition worker (a8821c1) logs one `batch committed` line per batch with
+    the partitions it committed, one transaction each; lines before `since` are not
+    counted (the warm-up of a load run)."""
+    log = tmp_path / "worker.log"
+    log.write_text(
+        '{"partitions": [0, 2, 4], "records": 1000, "event": "batch committed", '
+        '"level": "debug", "timestamp": "2026-12-02T07:44:19.939310Z"}\n'
+        "not json\n"
+        '{"event": "partitions assigned", "partitions": [0, 1], '
+        '"timestamp": "2026-12-02T07:44:20.000000Z"}\n'
+        '{"partitions": [2], "records": 513, "event": "batch committed", '
+        '"level": "debug", "timestamp": "2026-12-02T07:44:20.667871Z"}\n'
+    )
+    bench = _bench_module()
+    assert bench.logged_transactions([str(log)]) == 4
+    since = datetime(2026, 12, 2, 7, 44, 20, tzinfo=UTC).timestamp()
+    assert bench.logged_transactions([str(log)], since=since) == 1
