@@ -152,12 +152,16 @@ class Workload:
     hot: float = 0.0  # share of the requests on key 1 (1.0: one single row)
     conflict: float = 0.1  # share of the requests carrying a stale version
     seed: int = 1
+    #: Every request under a Kafka key of its own (a producer keying by something else
+    #: than the row), still partitioned by its row: per-row order must hold regardless.
+    random_keys: bool = False
 
     def describe(self) -> str:
         skew = "uniform" if self.hot == 0 else f"{self.hot:.0%} on one key, rest uniform"
+        keys = ", every request under a key of its own" if self.random_keys else ""
         return (
             f"{self.requests:,} updates over {self.keys:,} keys ({skew}), "
-            f"{self.conflict:.0%} with a stale version"
+            f"{self.conflict:.0%} with a stale version{keys}"
         )
 
 
@@ -195,13 +199,14 @@ class Plan:
     def record(self, seq: int) -> tuple[int, bytes, bytes]:
         """(partition, key, value) of request ``seq``."""
         k, v = self.key[seq], self.carried[seq]
-        key = b"counter:%d" % k
+        row_key = b"counter:%d" % k
+        key = b"req-%d" % seq if self.workload.random_keys else row_key
         value = (
             b'{"type":"update","request_id":"%s-%d","entity":"counter","id":%d,'
             b'"concurrency_behavior":"IfRowVersionMatches","row_version":"%d",'
             b'"attributes":{"n":%d}}' % (self.prefix.encode(), seq, k, v, v)
         )
-        return zlib.crc32(key) % self.partitions, key, value
+        return zlib.crc32(row_key) % self.partitions, key, value
 
     def seq_of(self, request_id: str) -> int | None:
         head, _, tail = request_id.rpartition("-")
@@ -1329,10 +1334,13 @@ class Config:
     backlogs: tuple[int, ...]
     only: frozenset[str]
     idle_requests: int = 300
+    random_keys: bool = False
 
     @property
     def workload(self) -> Workload:
-        return Workload(self.requests, self.keys, conflict=self.conflict)
+        return Workload(
+            self.requests, self.keys, conflict=self.conflict, random_keys=self.random_keys
+        )
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -1385,6 +1393,7 @@ def config(args: argparse.Namespace) -> Config:
         base.only = frozenset(args.only.split(","))
     if args.partitions is not None:
         base.partitions = args.partitions
+    base.random_keys = args.random_keys
     if args.workers:
         base.workers = args.workers
     if args.lanes:
@@ -2191,6 +2200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--idle-requests",
         type=int,
         help="requests of each processor's closed-loop idle run (300; 0: none)",
+    )
+    parser.add_argument(
+        "--random-keys",
+        action="store_true",
+        help="every request under a Kafka key of its own (partitioned by its row still)",
     )
     parser.add_argument(
         "--baseline",
