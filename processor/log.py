@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Final, TextIO
 
 import structlog
+from aiokafka.errors import KafkaConnectionError
 
 __all__ = [
     "CLIENT_EVENTS",
@@ -128,6 +129,12 @@ CLIENT_EVENTS: Final[Mapping[str, ClientEvent]] = {
 #: Where foreign log lines come from (the first part of the logger's name; ``warnings``:
 #: Python warnings; ``other``: any other library).
 CLIENT_EVENT_SOURCES: Final = ("aiokafka", "asyncpg", "asyncio", "warnings", "other")
+#: asyncio's "Future exception was never retrieved" for a connection error: aiokafka leaves
+#: the read task of a connection a broker (or a port that is no broker) closed unawaited.
+#: The client's own call reports the failure; this is its echo, with a traceback.
+ORPHANED: Final = "orphaned_connection_error"
+
+
 _WARNINGS_LOGGER: Final = "py.warnings"
 _OWN: Final = "processor"
 
@@ -143,6 +150,7 @@ def _reset_counts() -> None:
         _shown.clear()
         for event in CLIENT_EVENTS.values():
             _counts[(event.source, event.name)] = 0
+        _counts[("asyncio", ORPHANED)] = 0
         for source in CLIENT_EVENT_SOURCES:
             _counts[(source, "warning")] = 0
             if source != "warnings":  # Python warnings are warnings
@@ -186,7 +194,10 @@ class _Levels(logging.Filter):
     @staticmethod
     def _relevel(record: logging.LogRecord) -> None:
         event = CLIENT_EVENTS.get(record.msg) if isinstance(record.msg, str) else None
-        if event is not None and record.name.startswith(event.source):
+        if _orphaned_connection_error(record):
+            _count("asyncio", ORPHANED)
+            level = logging.DEBUG
+        elif event is not None and record.name.startswith(event.source):
             record.client_event = event.name
             level = _throttled(event, record)
         elif record.levelno >= logging.ERROR:
@@ -198,6 +209,15 @@ class _Levels(logging.Filter):
         else:
             level = logging.DEBUG
         record.levelno, record.levelname = level, logging.getLevelName(level)
+
+
+def _orphaned_connection_error(record: logging.LogRecord) -> bool:
+    if record.name != "asyncio" or not isinstance(record.msg, str):
+        return False
+    if not record.msg.startswith(("Future exception was never retrieved", "Task exception")):
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, OSError | KafkaConnectionError)
 
 
 def _throttled(event: ClientEvent, record: logging.LogRecord) -> int:

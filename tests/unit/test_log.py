@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -185,3 +186,29 @@ def test_every_client_event_is_a_message_the_installed_aiokafka_logs() -> None:
     """A new aiokafka that rewords a message would leave it at its own level: this says so."""
     missing = set(CLIENT_EVENTS) - _log_templates()
     assert not missing, textwrap.shorten(f"not logged by aiokafka: {sorted(missing)}", 2000)
+
+
+def test_an_orphaned_connection_error_of_a_client_library_is_debug_and_counted() -> None:
+    """asyncio's "Future exception was never retrieved" for a reset connection (aiokafka
+    leaves such read tasks behind): its own call reported the failure; this echo is
+    debug, counted, and brings no traceback into a command's output."""
+    from processor import log
+
+    record = logging.LogRecord(
+        "asyncio",
+        logging.ERROR,
+        __file__,
+        1,
+        "Future exception was never retrieved\nfuture: <Future finished>",
+        None,
+        (ConnectionResetError, ConnectionResetError(104, "reset"), None),
+    )
+    before = log.client_events()[("asyncio", log.ORPHANED)]
+    log._Levels(logging.INFO).filter(record)
+    assert record.levelno == logging.DEBUG
+    assert log.client_events()[("asyncio", log.ORPHANED)] == before + 1
+    other = logging.LogRecord(
+        "asyncio", logging.ERROR, __file__, 1, "Task was destroyed but it is pending!", None, None
+    )
+    log._Levels(logging.INFO).filter(other)
+    assert other.levelno == logging.ERROR
