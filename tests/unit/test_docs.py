@@ -46,11 +46,7 @@ def _name(path: Path) -> str:
 def test_a_markdown_file_a_doc_names_is_in_the_repository(doc: Path) -> None:
     tracked = _tracked()
     named = set(re.findall(r"[\w./-]*[A-Za-z0-9_]\.md\b", doc.read_text()))
-    missing = sorted(
-        n
-        for n in named
-        if n not in tracked and _beside(doc, n) not in tracked
-    )
+    missing = sorted(n for n in named if n not in tracked and _beside(doc, n) not in tracked)
     assert not missing, f"{_name(doc)} names files that are not in the repository: {missing}"
 
 
