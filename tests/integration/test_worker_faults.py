@@ -35,10 +35,17 @@ def _local_stack_matches(endpoints: Any) -> bool:
     if env.returncode != 0:
         return False
     values = json.loads(env.stdout)
-    return bool(
+    if not (
         values.get("KAFKA_BOOTSTRAP_SERVERS") == endpoints.kafka_bootstrap
         and values.get("DATABASE_URL") == endpoints.database_url
+    ):
+        return False
+    # Same endpoints is not enough: another checkout's stack may hold those ports. This
+    # checkout's state dir must be the one running them (status exits 0 only then).
+    status = subprocess.run(
+        [ROOT / "ops" / "stack", "status"], capture_output=True, text=True, check=False
     )
+    return status.returncode == 0
 
 
 def _stack(*args: str) -> None:
