@@ -327,7 +327,7 @@ class Worker:
     async def _verified(
         self, owned: dict[TopicPartition, list[Any]]
     ) -> dict[TopicPartition, list[Any]]:
-        """Owned records, less those of rewound partitions whose committed offset is not
+        """Owned records, less those of rewound partitions whose committed offset is past
         where the rewind put them: a commit given up on Kafka's silence may have landed
         (then the records are answered already), or a new owner may have moved on."""
         checked = self._verify & owned.keys()
@@ -341,7 +341,11 @@ class Worker:
         keep = dict(owned)
         for tp in checked:
             offset = committed.get(tp)
-            if offset is not None and offset != owned[tp][0].offset:
+            # Only ever forward: the rewind point was itself committed (offsets move only
+            # through committed transactions), so an answer below it is stale. Kafka 4.3's
+            # coordinator was seen (ops/chaos, broker kill -9) answering, after a restart,
+            # offsets thousands of records old; moving back there republished them all.
+            if offset is not None and offset > owned[tp][0].offset:
                 log.info(
                     "partition moved to its committed offset",
                     partition=tp.partition,
