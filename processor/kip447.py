@@ -131,6 +131,11 @@ class GroupMetadata:
     member_id: str
     group_instance_id: str | None = None
 
+    @property
+    def is_member(self) -> bool:
+        """In a group generation: aiokafka resets both after a refused heartbeat."""
+        return self.generation_id >= 0 and bool(self.member_id)
+
 
 def group_metadata(consumer: AIOKafkaConsumer) -> GroupMetadata:
     """The consumer's current membership (generation -1 and no member id outside a group)."""
@@ -155,7 +160,7 @@ async def membership_problem(consumer: AIOKafkaConsumer) -> str | None:
     the worker's loop.
     """
     group = group_metadata(consumer)
-    if group.generation_id < 0 or not group.member_id:
+    if not group.is_member:
         return "not in the group"
     coordinator = consumer._coordinator
     try:
@@ -171,12 +176,29 @@ async def membership_problem(consumer: AIOKafkaConsumer) -> str | None:
 
 
 async def send_offsets_to_transaction(
-    producer: AIOKafkaProducer, offsets: Mapping[TopicPartition, int], group: GroupMetadata
+    producer: AIOKafkaProducer,
+    offsets: Mapping[TopicPartition, int],
+    group: GroupMetadata,
+    *,
+    unfenced: bool = False,
 ) -> None:
     """``producer.send_offsets_to_transaction`` with the group's generation (v3).
 
     Raises :class:`GroupFenced` when the group refuses them; then abort the transaction.
+    Also, without asking, for a membership with no generation or no member id: the group
+    coordinator validates a TxnOffsetCommit only if it names a member, and accepts one
+    with generation -1 and an empty member id from anyone (what v0 clients send). aiokafka
+    puts its consumer in exactly that state when a heartbeat is refused (a zombie waking,
+    a coordinator restarted) and keeps the old assignment until the rejoin: offsets of
+    records fetched then would overwrite the new owner's, unchecked. ``unfenced=True``
+    sends such offsets on purpose (a tool committing outside group management).
     """
+    if not group.is_member and not unfenced:
+        counters["group_fenced"] += 1
+        raise GroupFenced(
+            f"not a member of group {group.group_id!r} (generation {group.generation_id}, "
+            f"member id {group.member_id!r}): its offsets would be accepted unchecked"
+        )
     install()
     producer._txn_manager.processor_group = group
     await producer.send_offsets_to_transaction(dict(offsets), group.group_id)

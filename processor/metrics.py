@@ -130,7 +130,8 @@ class Metrics:
             "Batches not committed because this worker was fenced: by the group (generation: "
             "it no longer owns the partitions), by another producer of its transactional id "
             "(producer), by the broker aborting a transaction open too long (timeout), or "
-            "left before applying because the worker stalled out of the group (stalled)",
+            "left before applying because the worker had dropped out of the group (stalled: "
+            "paused, starved, or its heartbeat refused)",
             ["reason"],
             registry=r,
         )

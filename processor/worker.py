@@ -240,15 +240,17 @@ class Worker:
         if self._verify & owned.keys():
             owned = await self._verified(owned)
         stalled = time.monotonic() - self._last_poll
-        if owned and stalled > STALL_SECONDS:
+        if owned and (stalled > STALL_SECONDS or not group.is_member):
             # The group's Kafka commit would refuse this batch, but its database writes
-            # would land first, possibly ahead of the new owner's on the same rows.
+            # would land first, possibly ahead of the new owner's on the same rows. Not a
+            # member at all: aiokafka, told by a refused heartbeat, dropped the membership
+            # and keeps the old assignment (and hands out its records) until it rejoins.
             problem = await kip447.membership_problem(self.consumer)
             if problem is not None:
                 self.metrics.fenced.labels("stalled").inc()
                 log.warning(
-                    "stalled past a heartbeat and no longer a current member: the fetched "
-                    "records are left to the group",
+                    "no longer a current member of the group: the fetched records are "
+                    "left to the group",
                     stalled_seconds=round(stalled, 1),
                     problem=problem,
                 )

@@ -74,14 +74,14 @@ async def test_an_offset_fetch_waits_while_a_transaction_holds_the_offset_then_r
 
     # A committed offset to start from: 5.
     await producer.begin_transaction()
-    await kip447.send_offsets_to_transaction(producer, {tp: 5}, metadata)
+    await kip447.send_offsets_to_transaction(producer, {tp: 5}, metadata, unfenced=True)
     await producer.commit_transaction()
     assert await reader.committed(tp) == 5
 
     # A transaction holding offset 9, left open while another client reads.
     await producer.begin_transaction()
     await producer.send(topic, b"inside")
-    await kip447.send_offsets_to_transaction(producer, {tp: 9}, metadata)
+    await kip447.send_offsets_to_transaction(producer, {tp: 9}, metadata, unfenced=True)
     unstable_before = kip447.counters["unstable_offset_fetch"]
     fetch = asyncio.create_task(reader.committed(tp))
     await until(
@@ -94,7 +94,7 @@ async def test_an_offset_fetch_waits_while_a_transaction_holds_the_offset_then_r
 
     # The same with an abort: the offset from before it, once it ended.
     await producer.begin_transaction()
-    await kip447.send_offsets_to_transaction(producer, {tp: 12}, metadata)
+    await kip447.send_offsets_to_transaction(producer, {tp: 12}, metadata, unfenced=True)
     unstable_before = kip447.counters["unstable_offset_fetch"]
     fetch = asyncio.create_task(reader.committed(tp))
     await until(
@@ -157,3 +157,56 @@ async def test_a_member_of_an_old_generation_is_refused_its_offsets_and_the_prod
     assert await second.committed(tp) == 7
     values = [r.value for r in await consume_all(stack_endpoints.kafka_bootstrap, out)]
     assert values == [b"from-the-owner"], "the refused transaction's record became visible"
+
+
+async def test_a_member_that_lost_its_membership_sends_no_offsets(
+    stack_endpoints: Endpoints,
+    clients: Callable[..., Awaitable[AIOKafkaProducer | AIOKafkaConsumer]],
+    new_topic: NewTopic,
+) -> None:
+    """After a refused heartbeat aiokafka resets its consumer to generation -1 and no
+    member id, and keeps the old assignment until it rejoins. The broker validates a
+    TxnOffsetCommit only if it names a member: sent in that state, the offsets overwrite
+    the owner's unchecked (shown first, through aiokafka's own call). Ours refuses to
+    send them."""
+    source, out = await new_topic(), await new_topic()
+    tp = TopicPartition(source, 0)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    producer = await clients("producer", txn_id=f"t-{uuid.uuid4().hex[:8]}")
+    assert isinstance(producer, AIOKafkaProducer)
+    owner = await clients("consumer", group=group)
+    assert isinstance(owner, AIOKafkaConsumer)
+    owner.subscribe([source])
+    await until(lambda: bool(owner.assignment()), "the owner's assignment")
+    member = kip447.group_metadata(owner)
+    assert member.is_member
+
+    await producer.begin_transaction()
+    await kip447.send_offsets_to_transaction(producer, {tp: 50}, member)
+    await producer.commit_transaction()
+    assert await owner.committed(tp) == 50
+
+    # The hazard, on the real broker: an anonymous commit moves the owner's offset back.
+    anonymous = kip447.GroupMetadata(group, -1, "")
+    assert not anonymous.is_member
+    producer._txn_manager.processor_group = anonymous
+    await producer.begin_transaction()
+    await producer.send_offsets_to_transaction({tp: 3}, group)
+    await producer.commit_transaction()
+    assert await owner.committed(tp) == 3, "the broker checked an anonymous commit after all"
+
+    # Ours: refused before anything is sent; the transaction aborts, nothing visible.
+    fenced_before = kip447.counters["group_fenced"]
+    await producer.begin_transaction()
+    await producer.send(out, b"from-the-ex-member")
+    with pytest.raises(kip447.GroupFenced, match="not a member of group"):
+        await kip447.send_offsets_to_transaction(producer, {tp: 1}, anonymous)
+    await producer.abort_transaction()
+    assert kip447.counters["group_fenced"] == fenced_before + 1
+    assert await owner.committed(tp) == 3
+    assert await kip447.membership_problem(owner) is None
+    owner._coordinator.reset_generation()  # what a refused heartbeat does
+    assert not kip447.group_metadata(owner).is_member
+    assert await kip447.membership_problem(owner) == "not in the group"
+    values = [r.value for r in await consume_all(stack_endpoints.kafka_bootstrap, out)]
+    assert values == [], "the refused transaction's record became visible"

@@ -266,6 +266,45 @@ async def test_offsets_of_another_generation_are_refused_and_the_batch_is_redone
     await check_exactly_once(pg, scenario.schema, replies, requests)
 
 
+async def test_records_handed_out_after_a_refused_heartbeat_are_left_to_the_group(
+    scenario: Scenario, pg: asyncpg.Connection
+) -> None:
+    """Told by the coordinator that its member is unknown (a refused heartbeat), aiokafka
+    resets to generation -1 and no member id but keeps the old assignment, and hands out
+    its records, until it rejoins. The broker would take offsets committed in that state
+    unchecked (test_kip447); the worker applies and commits none of them, rejoins, and
+    every request is still answered once."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 10)")
+    requests = updates(range(1, 11), 5, scenario.run)
+    dropped = polls = 0
+    async with running(scenario) as (worker, _):
+        await until(lambda: bool(worker.consumer and worker.consumer.assignment()), "assigned")
+        consumer = worker.consumer
+        assert consumer is not None
+        real = consumer.getmany
+
+        async def getmany(*partitions: TopicPartition, **kwargs: Any) -> Any:
+            nonlocal dropped, polls
+            polls += 1
+            fetched = await real(*partitions, **kwargs)
+            if fetched and not dropped:
+                dropped += 1
+                consumer._coordinator.reset_generation()  # what a refused heartbeat does
+            return fetched
+
+        consumer.getmany = getmany
+        # The fetch in progress when it was replaced has returned: the next records pass here.
+        await until(lambda: polls > 0, "a fetch through the replacement")
+        await scenario.send(requests)
+        replies = await scenario.replies(expect=len(requests))
+        left = worker.metrics.registry.get_sample_value(
+            "processor_fenced_total", {"reason": "stalled"}
+        )
+    assert dropped == 1
+    assert left == 1, "the records fetched outside the group were not left"
+    await check_exactly_once(pg, scenario.schema, replies, requests)
+
+
 @pytest.fixture
 async def one_partition(
     stack_endpoints: Endpoints, db_schema: str, pg: asyncpg.Connection, tmp_path: Path
@@ -302,7 +341,7 @@ async def test_a_new_owner_waits_for_the_open_transaction_of_the_old_one(
     try:
         await previous.begin_transaction()
         await kip447.send_offsets_to_transaction(
-            previous, {tp: 20}, kip447.GroupMetadata(s.group, -1, "")
+            previous, {tp: 20}, kip447.GroupMetadata(s.group, -1, ""), unfenced=True
         )
         unstable = kip447.counters["unstable_offset_fetch"]
         async with running(s) as (worker, _):
