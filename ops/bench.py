@@ -64,7 +64,7 @@ import time
 import uuid
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1316,6 +1316,11 @@ def remove_baseline(baseline: Baseline) -> None:
 # --- the whole benchmark -----------------------------------------------------------------
 
 
+#: The curves of the "curves" phase (``--curves``): offered load, hot-key skew, batch size,
+#: backlog size.
+CURVES: Final = ("load", "skew", "batch", "backlog")
+
+
 @dataclass(slots=True)
 class Config:
     quick: bool
@@ -1335,6 +1340,7 @@ class Config:
     only: frozenset[str]
     idle_requests: int = 300
     random_keys: bool = False
+    curves: frozenset[str] = frozenset(CURVES)
 
     @property
     def workload(self) -> Workload:
@@ -1400,6 +1406,10 @@ def config(args: argparse.Namespace) -> Config:
         base.lanes = args.lanes
     if args.idle_requests is not None:
         base.idle_requests = args.idle_requests
+    if args.load_shares:
+        base.load_shares = args.load_shares
+    if args.curves:
+        base.curves = args.curves
     return base
 
 
@@ -1529,10 +1539,10 @@ async def processor_curves(
     own = next(e for e in contenders if e["drain"].name == c.name)["drain"]
     out: dict[str, list[dict[str, Any]]] = {"load": [], "skew": [], "batch": [], "backlog": []}
     say(f"curves for {c.name} (drain {own.throughput:,.0f} req/s)")
-    for share in cfg.load_shares:
+    for share in cfg.load_shares if "load" in cfg.curves else ():
         r = await load(env, c, w, own.throughput * share, cfg.load_seconds)
         out["load"].append({"share": share, **asdict(r)})
-    for hot in cfg.skews:
+    for hot in cfg.skews if "skew" in cfg.curves else ():
         sw = replace(w, hot=hot)
         d = await drain(env, c, Plan(sw, cfg.partitions))
         lr = (
@@ -1541,7 +1551,7 @@ async def processor_curves(
             else None
         )
         out["skew"].append({"hot": hot, "drain": asdict(d), "load": asdict(lr) if lr else None})
-    for size in cfg.batches:
+    for size in cfg.batches if "batch" in cfg.curves else ():
         bc = replace(c, name=f"{c.name}-b{size}", max_batch=size)
         d = await drain(env, bc, Plan(w, cfg.partitions))
         lr = (
@@ -1552,7 +1562,7 @@ async def processor_curves(
         out["batch"].append(
             {"max_batch": size, "drain": asdict(d), "load": asdict(lr) if lr else None}
         )
-    for size in cfg.backlogs:
+    for size in cfg.backlogs if "backlog" in cfg.curves else ():
         d = await drain(env, c, Plan(replace(w, requests=size), cfg.partitions), stall=120)
         out["backlog"].append({"requests": size, "drain": asdict(d)})
     return out
@@ -1580,6 +1590,12 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "load average at start": f"{load1:.2f} {load5:.2f} {load15:.2f}",
     }
+
+
+def per_transaction(point: Mapping[str, Any]) -> float | None:
+    """Requests per Kafka transaction of a run: the worker's batch size, as it adapts."""
+    per_1k = point.get("transactions_per_1k")
+    return 1000 / per_1k if per_1k else None
 
 
 def fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
@@ -1971,13 +1987,14 @@ def curve_tables(results: dict[str, Any]) -> list[str]:
             "## Processor: offered load",
             "",
             "| offered req/s | share of drain | achieved req/s | p50 ms | p99 ms | max ms "
-            "| other load | correct |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| requests per Kafka transaction | other load | correct |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for p in curves["load"]:
             lines.append(
                 f"| {fmt(p['offered'])} | {p['share']:.0%} | {fmt(p['throughput'])} | "
                 f"{fmt(p['p50_ms'], 1)} | {fmt(p['p99_ms'], 1)} | {fmt(p['max_ms'], 1)} | "
+                f"{fmt(per_transaction(p), 1)} | "
                 f"{fmt(p['foreign_cores'], 2)} | {'yes' if p['ok'] else '**FAILED**'} |"
             )
         lines.append("")
@@ -2068,6 +2085,17 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
         )
         ax2.set_ylabel("achieved requests/s", color="tab:green")
         save(fig, "processor_load")
+        batched = [(p["offered"], y) for p in pts if (y := per_transaction(p)) is not None]
+        if batched:
+            # The cadence adapting to load: one commit per cycle, its batch what arrived.
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([x for x, _ in batched], [y for _, y in batched], "o-")
+            ax.set_xlabel("offered load (requests/s)")
+            ax.set_ylabel("requests per Kafka transaction")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            save(fig, "processor_batch_by_load")
     for key, label, xlabel in (
         ("skew", "hot", "share of requests on one row"),
         ("batch", "max_batch", "PROCESSOR_MAX_BATCH"),
@@ -2181,6 +2209,30 @@ def positive_list(text: str) -> tuple[int, ...]:
     return tuple(positive(x) for x in text.split(","))
 
 
+def share_list(text: str) -> tuple[float, ...]:
+    """Shares of a contender's drain rate, e.g. ``0.05,0.5,1``: each in (0, 2]."""
+    shares = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = 0.0
+        if not 0 < value <= 2:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a share in (0, 2]")
+        shares.append(value)
+    return tuple(shares)
+
+
+def curve_set(text: str) -> frozenset[str]:
+    names = frozenset(text.split(","))
+    unknown = sorted(names - set(CURVES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown curve(s) {', '.join(unknown)}: choose from {','.join(CURVES)}"
+        )
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ops/bench", description="Benchmark the processor against its ceilings and peers."
@@ -2191,6 +2243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, help="length of each open-loop run")
     parser.add_argument("--backlogs", help="backlog sizes of that curve, e.g. 10000,100000")
     parser.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
+    parser.add_argument(
+        "--curves",
+        type=curve_set,
+        help=f"which curves the curves phase draws (all): {','.join(CURVES)}",
+    )
+    parser.add_argument(
+        "--load-shares",
+        type=share_list,
+        help="offered loads of the load curve, as shares of the drain rate, e.g. 0.05,0.5,1",
+    )
     parser.add_argument(
         "--partitions", type=positive, help="partitions of the request and reply topics (6)"
     )

@@ -165,3 +165,26 @@ def test_an_old_workers_transactions_are_counted_from_its_debug_log(tmp_path: Pa
     assert bench.logged_transactions([str(log)]) == 4
     since = datetime(2026, 12, 2, 7, 44, 20, tzinfo=UTC).timestamp()
     assert bench.logged_transactions([str(log)], since=since) == 1
+
+
+def test_the_curve_flags_take_shares_and_curve_names_and_name_a_bad_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = _bench_module()
+    assert bench.share_list("0.05,0.5,1") == (0.05, 0.5, 1.0)
+    assert bench.curve_set("load") == frozenset({"load"})
+    for argv, said in (
+        (["--load-shares", "0.5,x"], "'x' is not a share in (0, 2]"),
+        (["--load-shares", "0"], "'0' is not a share in (0, 2]"),
+        (["--curves", "load,skw"], "unknown curve(s) skw: choose from load,skew,batch,backlog"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            bench.main(argv)
+        assert exited.value.code == 2
+        assert said in capsys.readouterr().err
+
+
+def test_requests_per_transaction_is_what_the_load_curve_reports() -> None:
+    bench = _bench_module()
+    assert bench.per_transaction({"transactions_per_1k": 4.0}) == 250.0
+    assert bench.per_transaction({"transactions_per_1k": None}) is None
