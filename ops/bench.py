@@ -980,6 +980,62 @@ async def transactions(ports: Sequence[int]) -> float | None:
             await asyncio.sleep(0.2)  # the worker may still be opening its HTTP port
 
 
+#: The phases of a worker's batch (processor_batch_phase_seconds): applying it to the
+#: database, waiting for the previous batch's Kafka commit, its own Kafka commit.
+PHASE_NAMES: Final = ("database", "wait", "kafka")
+
+
+async def phase_totals(ports: Sequence[int]) -> dict[str, tuple[float, float]] | None:
+    """Per batch phase, (seconds, batches) summed over the workers serving /metrics on
+    ``ports``; None if one does not answer or does not have the histogram."""
+    import urllib.request
+
+    def scrape(port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text: str = r.read().decode()
+            return text
+
+    totals = {phase: (0.0, 0.0) for phase in PHASE_NAMES}
+    try:
+        texts = [await asyncio.to_thread(scrape, port) for port in ports]
+    except OSError:
+        return None
+    for text in texts:
+        for phase in PHASE_NAMES:
+            found = [
+                re.search(
+                    rf'^processor_batch_phase_seconds_{kind}{{phase="{phase}"}} (\S+)$',
+                    text,
+                    re.MULTILINE,
+                )
+                for kind in ("sum", "count")
+            ]
+            if None in found:
+                return None
+            seconds, batches = totals[phase]
+            totals[phase] = (
+                seconds + float(found[0].group(1)),  # type: ignore[union-attr]
+                batches + float(found[1].group(1)),  # type: ignore[union-attr]
+            )
+    return totals
+
+
+def phase_means_ms(
+    before: dict[str, tuple[float, float]] | None, after: dict[str, tuple[float, float]] | None
+) -> dict[str, float] | None:
+    """Mean milliseconds per batch of each phase between two :func:`phase_totals`."""
+    if before is None or after is None:
+        return None
+    means = {}
+    for phase in PHASE_NAMES:
+        seconds = after[phase][0] - before[phase][0]
+        batches = after[phase][1] - before[phase][1]
+        if batches <= 0:
+            return None
+        means[phase] = seconds / batches * 1000
+    return means
+
+
 def logged_transactions(logs: Sequence[str], since: float | None = None) -> int:
     """Kafka transactions of an old (per-partition) worker, from its debug log: each
     ``batch committed`` line lists the partitions committed, one transaction each; only
@@ -1050,6 +1106,7 @@ async def load(
         if not await collector.wait(warmup, stall=60, procs=procs):
             raise RuntimeError(f"{c.name}: no replies to the warm-up requests")
         txns0 = await transactions(ports)
+        phases0 = await phase_totals(ports)
         start = mark(env, procs)
         result.extra["timed_from"] = time.time()
         t0 = time.monotonic()
@@ -1070,6 +1127,8 @@ async def load(
         if txns0 is not None and txns1 is not None:
             result.transactions_per_1k = (txns1 - txns0) * 1000 / (total - warmup)
             result.extra["transactions_counted_by"] = "metrics"
+        # Where a batch's time went at this load (the profile of the latency curve).
+        result.extra["phase_ms"] = phase_means_ms(phases0, await phase_totals(ports))
         result.peak_rss_mb = max(peak_rss(p.pid) for p in procs) / 2**20
         await asyncio.sleep(0.5)
         if not complete:
@@ -1987,14 +2046,18 @@ def curve_tables(results: dict[str, Any]) -> list[str]:
             "## Processor: offered load",
             "",
             "| offered req/s | share of drain | achieved req/s | p50 ms | p99 ms | max ms "
-            "| requests per Kafka transaction | other load | correct |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| requests per Kafka transaction | ms per batch: database / wait / kafka "
+            "| other load | correct |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for p in curves["load"]:
+            phases = p.get("extra", {}).get("phase_ms") or {}
             lines.append(
                 f"| {fmt(p['offered'])} | {p['share']:.0%} | {fmt(p['throughput'])} | "
                 f"{fmt(p['p50_ms'], 1)} | {fmt(p['p99_ms'], 1)} | {fmt(p['max_ms'], 1)} | "
                 f"{fmt(per_transaction(p), 1)} | "
+                + " / ".join(fmt(phases.get(name), 1) for name in PHASE_NAMES)
+                + " | "
                 f"{fmt(p['foreign_cores'], 2)} | {'yes' if p['ok'] else '**FAILED**'} |"
             )
         lines.append("")

@@ -188,3 +188,13 @@ def test_requests_per_transaction_is_what_the_load_curve_reports() -> None:
     bench = _bench_module()
     assert bench.per_transaction({"transactions_per_1k": 4.0}) == 250.0
     assert bench.per_transaction({"transactions_per_1k": None}) is None
+
+
+def test_phase_means_are_per_batch_between_two_scrapes() -> None:
+    bench = _bench_module()
+    before = {"database": (1.0, 10.0), "wait": (0.0, 10.0), "kafka": (2.0, 10.0)}
+    after = {"database": (1.5, 20.0), "wait": (0.1, 20.0), "kafka": (2.2, 20.0)}
+    means = bench.phase_means_ms(before, after)
+    assert means == pytest.approx({"database": 50.0, "wait": 10.0, "kafka": 20.0})
+    assert bench.phase_means_ms(None, after) is None
+    assert bench.phase_means_ms(before, before) is None  # no batch in between
