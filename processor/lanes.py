@@ -15,9 +15,20 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
 
-__all__ = ["split"]
+__all__ = ["LANE_MIN_REQUESTS", "lane_count", "split"]
 
 T = TypeVar("T")
+
+#: Requests a lane should have before the batch is spread over one more lane. A lane costs
+#: its database transaction's round trips (BEGIN, the statements of each round, COMMIT,
+#: the pool's reset) whatever its size; at low load a batch holds a request or two and
+#: those fixed costs, paid twice, were what saturated the CPU (ops/bench's load curve).
+LANE_MIN_REQUESTS = 16
+
+
+def lane_count(requests: int, configured: int) -> int:
+    """How many lanes a batch of ``requests`` is worth: at most ``configured``, at least 1."""
+    return max(1, min(configured, requests // LANE_MIN_REQUESTS))
 
 
 def split(items: Sequence[T], rows: Sequence[Sequence[Hashable]], count: int) -> list[list[T]]:

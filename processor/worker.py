@@ -62,7 +62,7 @@ from processor.intake import (
     outcome_records,
     rejected_records,
 )
-from processor.lanes import split
+from processor.lanes import lane_count, split
 from processor.log import get_logger
 from processor.metrics import Metrics
 from processor.ownership import Ownership
@@ -270,7 +270,11 @@ class Worker:
 
         good = [(m, item) for m, item in admitted if isinstance(item, Envelope)]
         registry = self.engine.registry
-        lanes = split(good, [rows_of(registry, e.request) for _, e in good], self.settings.lanes)
+        lanes = split(
+            good,
+            [rows_of(registry, e.request) for _, e in good],
+            lane_count(len(good), self.settings.lanes),
+        )
         started = time.monotonic()
         outcomes: dict[tuple[int, int], Outcome] | None
         try:

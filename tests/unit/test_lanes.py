@@ -117,3 +117,11 @@ def test_rows_of_an_execute_request_are_its_requests_rows() -> None:
     assert rows_of(Registry({}), batch) == [("a", 1), ("b", "k"), ("a", 2)]
     meta = decode_request(b'{"type":"retrieve_entity","request_id":"m","entity":"a"}')
     assert rows_of(Registry({}), meta) == []
+
+
+def test_a_small_batch_takes_one_lane_and_a_large_one_all_configured() -> None:
+    assert lanes.lane_count(0, 4) == 1
+    assert lanes.lane_count(lanes.LANE_MIN_REQUESTS * 2 - 1, 4) == 1
+    assert lanes.lane_count(lanes.LANE_MIN_REQUESTS * 2, 4) == 2
+    assert lanes.lane_count(lanes.LANE_MIN_REQUESTS * 100, 4) == 4
+    assert lanes.lane_count(lanes.LANE_MIN_REQUESTS * 100, 1) == 1
