@@ -1553,7 +1553,9 @@ async def run_all(cfg: Config, env: Env, baseline: Baseline | None = None) -> di
             best_processor = processor(top.extra["workers"], top.extra["lanes"])
 
     if "curves" in wanted and best_processor is not None:
-        curves.update(await processor_curves(cfg, env, best_processor, contenders))
+        curves.update(
+            await processor_curves(cfg, env, best_processor, contenders, baseline=baseline)
+        )
 
     return {
         "contenders": contenders,
@@ -1592,15 +1594,23 @@ async def count_logged_load_transactions(
 
 
 async def processor_curves(
-    cfg: Config, env: Env, c: Contender, contenders: list[dict[str, Any]]
+    cfg: Config,
+    env: Env,
+    c: Contender,
+    contenders: list[dict[str, Any]],
+    baseline: Baseline | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
+    """The curves of ``c``; the load curve also of ``c`` run from ``baseline`` if given,
+    at the same offered loads, each point right after the current code's."""
     w = cfg.workload
     own = next(e for e in contenders if e["drain"].name == c.name)["drain"]
     out: dict[str, list[dict[str, Any]]] = {"load": [], "skew": [], "batch": [], "backlog": []}
     say(f"curves for {c.name} (drain {own.throughput:,.0f} req/s)")
+    old = processor(c.workers, c.lanes, c.max_batch, baseline) if baseline else None
     for share in cfg.load_shares if "load" in cfg.curves else ():
-        r = await load(env, c, w, own.throughput * share, cfg.load_seconds)
-        out["load"].append({"share": share, **asdict(r)})
+        for contender in (c, old) if old else (c,):
+            r = await load(env, contender, w, own.throughput * share, cfg.load_seconds)
+            out["load"].append({"share": share, **asdict(r)})
     for hot in cfg.skews if "skew" in cfg.curves else ():
         sw = replace(w, hot=hot)
         d = await drain(env, c, Plan(sw, cfg.partitions))
@@ -2045,15 +2055,17 @@ def curve_tables(results: dict[str, Any]) -> list[str]:
         lines += [
             "## Processor: offered load",
             "",
-            "| offered req/s | share of drain | achieved req/s | p50 ms | p99 ms | max ms "
+            "| contender | offered req/s | share of drain | achieved req/s | p50 ms | p99 ms "
+            "| max ms "
             "| requests per Kafka transaction | ms per batch: database / wait / kafka "
             "| other load | correct |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for p in curves["load"]:
             phases = p.get("extra", {}).get("phase_ms") or {}
             lines.append(
-                f"| {fmt(p['offered'])} | {p['share']:.0%} | {fmt(p['throughput'])} | "
+                f"| {p['name']} | {fmt(p['offered'])} | {p['share']:.0%} | "
+                f"{fmt(p['throughput'])} | "
                 f"{fmt(p['p50_ms'], 1)} | {fmt(p['p99_ms'], 1)} | {fmt(p['max_ms'], 1)} | "
                 f"{fmt(per_transaction(p), 1)} | "
                 + " / ".join(fmt(phases.get(name), 1) for name in PHASE_NAMES)
@@ -2133,32 +2145,50 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     curves = results["curves"]
     if curves.get("load"):
         pts = [p for p in curves["load"] if p["p99_ms"] is not None]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([p["offered"] for p in pts], [p["p99_ms"] for p in pts], "o-", label="p99")
-        ax.plot([p["offered"] for p in pts], [p["p50_ms"] for p in pts], "s--", label="p50")
+        names = list(dict.fromkeys(p["name"] for p in pts))  # the current code first
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, name in enumerate(names):
+            mine = [p for p in pts if p["name"] == name]
+            color = f"C{n}"
+            xs = [p["offered"] for p in mine]
+            ax.plot(xs, [p["p99_ms"] for p in mine], "o-", color=color, label=f"{name} p99")
+            ax.plot(xs, [p["p50_ms"] for p in mine], "s--", color=color, label=f"{name} p50")
         ax.axhline(25, color="grey", ls=":", label="25 ms target")
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel("latency (ms)")
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.legend()
+        ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
-        ax2 = ax.twinx()
-        ax2.plot(
-            [p["offered"] for p in pts], [p["throughput"] for p in pts], "^:", color="tab:green"
-        )
-        ax2.set_ylabel("achieved requests/s", color="tab:green")
         save(fig, "processor_load")
-        batched = [(p["offered"], y) for p in pts if (y := per_transaction(p)) is not None]
-        if batched:
-            # The cadence adapting to load: one commit per cycle, its batch what arrived.
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([x for x, _ in batched], [y for _, y in batched], "o-")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        drawn = False
+        for n, name in enumerate(names):
+            batched = [
+                (p["offered"], y)
+                for p in pts
+                if p["name"] == name and (y := per_transaction(p)) is not None
+            ]
+            if batched:
+                # The cadence adapting to load: one commit per cycle, its batch what arrived.
+                ax.plot(
+                    [x for x, _ in batched],
+                    [y for _, y in batched],
+                    "o-",
+                    color=f"C{n}",
+                    label=name,
+                )
+                drawn = True
+        if drawn:
             ax.set_xlabel("offered load (requests/s)")
             ax.set_ylabel("requests per Kafka transaction")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.legend(fontsize="small")
             ax.grid(alpha=0.3)
             save(fig, "processor_batch_by_load")
+        else:
+            plt.close(fig)
     for key, label, xlabel in (
         ("skew", "hot", "share of requests on one row"),
         ("batch", "max_batch", "PROCESSOR_MAX_BATCH"),
