@@ -166,8 +166,20 @@ async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool[Any]
             command_timeout=_command_timeout(settings),
             timeout=CONNECT_TIMEOUT,
             server_settings=session_settings(settings),
+            reset=_keep_session,
         )
     except _CONNECT_ERRORS as exc:
         raise connect_error(url, exc) from exc
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """The pool's reset on release, with nothing left to reset.
+
+    asyncpg rolls back an open transaction before calling this either way. Its default
+    reset then sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``: one
+    more round trip per lane per batch (a batch at low load holds a request or two), for
+    session state the worker never creates (its locks are transaction-scoped, its
+    settings are the connection's startup parameters).
+    """

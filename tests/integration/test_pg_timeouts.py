@@ -188,3 +188,25 @@ async def test_a_worker_retries_a_row_locked_by_another_session_then_applies_it_
     log = await pg.fetch(f"SELECT last_request FROM {schema}.acct_log")
     assert [r["last_request"] for r in log] == [request["request_id"]]
     assert scenario.logs().count("database retry") >= 2
+
+
+async def test_a_pooled_connection_comes_back_without_a_transaction_and_with_its_timeouts(
+    stack_endpoints: Endpoints,
+) -> None:
+    """The worker's pool skips asyncpg's session reset on release (a round trip per lane
+    per batch): what it relies on still holds. A transaction left open is rolled back;
+    the timeouts are the connection's own settings, not session state a reset restores."""
+    pool = await create_pool(_settings(stack_endpoints.database_url, lock=1234), max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")  # unmanaged: asyncpg logs that it rolls it back
+            await conn.execute("CREATE TEMP TABLE left_open (id int)")
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid  # the same session
+            assert not conn.is_in_transaction()
+            gone = await conn.fetchval("SELECT to_regclass('pg_temp.left_open')")
+            assert gone is None, "the open transaction was not rolled back"
+            assert await conn.fetchval("SHOW lock_timeout") == "1234ms"
+    finally:
+        await pool.close()
