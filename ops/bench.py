@@ -1661,6 +1661,16 @@ def machine() -> dict[str, str]:
     }
 
 
+def by_offered_load(ax: Any, ylabel: str) -> None:
+    """Log-log axes of a load-curve plot: offered load across, ``ylabel`` up."""
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
 def per_transaction(point: Mapping[str, Any]) -> float | None:
     """Requests per Kafka transaction of a run: the worker's batch size, as it adapts."""
     per_1k = point.get("transactions_per_1k")
@@ -2154,12 +2164,7 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
             ax.plot(xs, [p["p99_ms"] for p in mine], "o-", color=color, label=f"{name} p99")
             ax.plot(xs, [p["p50_ms"] for p in mine], "s--", color=color, label=f"{name} p50")
         ax.axhline(25, color="grey", ls=":", label="25 ms target")
-        ax.set_xlabel("offered load (requests/s)")
-        ax.set_ylabel("latency (ms)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
+        by_offered_load(ax, "latency (ms)")
         save(fig, "processor_load")
         fig, ax = plt.subplots(figsize=(7, 4))
         drawn = False
@@ -2180,12 +2185,7 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
                 )
                 drawn = True
         if drawn:
-            ax.set_xlabel("offered load (requests/s)")
-            ax.set_ylabel("requests per Kafka transaction")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.legend(fontsize="small")
-            ax.grid(alpha=0.3)
+            by_offered_load(ax, "requests per Kafka transaction")
             save(fig, "processor_batch_by_load")
         else:
             plt.close(fig)

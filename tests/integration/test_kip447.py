@@ -41,6 +41,17 @@ async def clients(
         await client.stop()
 
 
+async def member(
+    clients: Callable[..., Awaitable[AIOKafkaProducer | AIOKafkaConsumer]], group: str, topic: str
+) -> AIOKafkaConsumer:
+    """A consumer of ``group`` subscribed to ``topic``, once it holds an assignment."""
+    consumer = await clients("consumer", group=group)
+    assert isinstance(consumer, AIOKafkaConsumer)
+    consumer.subscribe([topic])
+    await until(lambda: bool(consumer.assignment()), f"an assignment in {group}")
+    return consumer
+
+
 def test_a_broker_without_the_needed_versions_is_refused_with_one_line() -> None:
     old = {28: (0, 2), 9: (0, 6)}
     problem = kip447.broker_problem(old)
@@ -117,19 +128,13 @@ async def test_a_member_of_an_old_generation_is_refused_its_offsets_and_the_prod
     producer = await clients("producer", txn_id=f"t-{uuid.uuid4().hex[:8]}")
     assert isinstance(producer, AIOKafkaProducer)
 
-    first = await clients("consumer", group=group)
-    assert isinstance(first, AIOKafkaConsumer)
-    first.subscribe([source])
-    await until(lambda: bool(first.assignment()), "the first member's assignment")
+    first = await member(clients, group, source)
     old = kip447.group_metadata(first)
     assert old.generation_id >= 1
     assert old.member_id
     await first.stop()  # leaves the group: the next member gets a new generation
 
-    second = await clients("consumer", group=group)
-    assert isinstance(second, AIOKafkaConsumer)
-    second.subscribe([source])
-    await until(lambda: bool(second.assignment()), "the second member's assignment")
+    second = await member(clients, group, source)
     new = kip447.group_metadata(second)
     assert new.generation_id > old.generation_id
 
@@ -174,15 +179,12 @@ async def test_a_member_that_lost_its_membership_sends_no_offsets(
     group = f"g-{uuid.uuid4().hex[:8]}"
     producer = await clients("producer", txn_id=f"t-{uuid.uuid4().hex[:8]}")
     assert isinstance(producer, AIOKafkaProducer)
-    owner = await clients("consumer", group=group)
-    assert isinstance(owner, AIOKafkaConsumer)
-    owner.subscribe([source])
-    await until(lambda: bool(owner.assignment()), "the owner's assignment")
-    member = kip447.group_metadata(owner)
-    assert member.is_member
+    owner = await member(clients, group, source)
+    current = kip447.group_metadata(owner)
+    assert current.is_member
 
     await producer.begin_transaction()
-    await kip447.send_offsets_to_transaction(producer, {tp: 50}, member)
+    await kip447.send_offsets_to_transaction(producer, {tp: 50}, current)
     await producer.commit_transaction()
     assert await owner.committed(tp) == 50
 
