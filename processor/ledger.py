@@ -104,6 +104,14 @@ CREATE INDEX IF NOT EXISTS request_ledger_record
         self, conn: Connection, request_ids: Sequence[str]
     ) -> Mapping[str, StoredReply]:
         rows = await conn.fetch(self._lookup, list(request_ids))
+        if rows:
+            # A stored reply is about to be published again: this transaction must not
+            # commit before the rows it read are on the synchronous standby. A ledger row
+            # can be visible and not replicated: its COMMIT's wait for the standby was
+            # cancelled (the client's timeout, an operator), and PostgreSQL then commits
+            # locally. A transaction that wrote nothing does not wait at its commit; one
+            # with a transaction id does, for WAL past the row it read.
+            await conn.execute("SELECT pg_current_xact_id()")
         return {r["request_id"]: StoredReply(r["fingerprint"], r["reply"]) for r in rows}
 
     async def insert(self, conn: Connection, entries: Sequence[LedgerEntry]) -> None:

@@ -107,6 +107,26 @@ async def test_concurrent_migrations_from_two_connections(
             await c.close()
 
 
+async def test_a_lookup_that_finds_a_stored_reply_makes_its_transaction_wait_at_commit(
+    pg: asyncpg.Connection, db_schema: str
+) -> None:
+    """A ledger row can be visible before it is on a synchronous standby (its commit's wait
+    was cancelled: PostgreSQL then commits locally). A transaction that finds one gets a
+    transaction id, so its own COMMIT waits for the standby before the stored reply is
+    published again; one that finds nothing stays without (no cost for new requests).
+    The wait itself, on a real standby: tests/integration/test_cluster.py."""
+    ledger = Ledger(db_schema)
+    await ledger.migrate(pg)
+    await ledger.insert(pg, [_entry("a", datetime.now(UTC), b"{}")])
+    assigned = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+    async with pg.transaction():
+        assert await ledger.lookup(pg, ["unknown"]) == {}
+        assert await pg.fetchval(assigned) is False
+    async with pg.transaction():
+        assert set(await ledger.lookup(pg, ["unknown", "a"])) == {"a"}
+        assert await pg.fetchval(assigned) is True
+
+
 async def test_lookup_returns_stored_replies_by_request_id(
     pg: asyncpg.Connection, db_schema: str
 ) -> None:
