@@ -116,6 +116,7 @@ class Stack:
     kafka_tls_dir: Path | None = None
     kafka_tls_client_auth: str = "none"
     cluster: bool = False  # the state dir runs the cluster form (Cluster)
+    kafka_route: tuple[int, int] | None = None  # (node, port): Cluster.routed_port
 
     @property
     def kafka_dir(self) -> Path:
@@ -232,7 +233,30 @@ def load_stack(args: argparse.Namespace) -> Stack:
         ports["pg_port"],
         **sasl_ssl(args, recorded, ports),
         cluster=cluster,
+        kafka_route=kafka_route(args, recorded) if cluster else None,
     )
+
+
+def kafka_route(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple[int, int] | None:
+    """``kafka-N=PORT``: node N's routed listener advertised at PORT (a proxy's), from the
+    flag, else PROCESSOR_STACK_KAFKA_ROUTE, else the last `up`; '' or 'none': no route."""
+    raw = getattr(args, "kafka_route", None)
+    if raw is None:
+        raw = os.environ.get("PROCESSOR_STACK_KAFKA_ROUTE")
+    if raw is None:
+        route = recorded.get("kafka_route")
+        return (int(route[0]), int(route[1])) if route else None
+    if raw.strip().lower() in {"", "none"}:
+        return None
+    name, _, port = raw.partition("=")
+    node = name.strip().removeprefix("kafka-")
+    if not (node.isdigit() and 1 <= int(node) <= KAFKA_NODES and port.strip().isdigit()):
+        raise StackError(
+            f"PROCESSOR_STACK_KAFKA_ROUTE={raw!r}: must be kafka-N=PORT (N 1-{KAFKA_NODES})"
+        )
+    if not 0 < int(port) < 65536:
+        raise StackError(f"PROCESSOR_STACK_KAFKA_ROUTE={raw!r}: port out of range")
+    return int(node), int(port)
 
 
 def cluster_env() -> bool:
@@ -1033,7 +1057,14 @@ class Cluster:
     ``kafka_port + i - 1``, as a controller on ``controller_port + i - 1`` and for the other
     brokers on ``controller_port + 3 + i - 1``; PostgreSQL node j (1-2) on ``pg_port + j - 1``.
     Each node is a :class:`Stack` of its own under the state dir (``kafka-1/``,
-    ``postgres-2/``), so the single node's start and stop code serves every node."""
+    ``postgres-2/``), so the single node's start and stop code serves every node.
+
+    Every Kafka node has a second client listener, the *routed* one, on
+    ``controller_port + 6 + i - 1``: clients that bootstrap from it learn the other
+    brokers' routed addresses, and one node's can be advertised at another port
+    (``kafka_route``: a proxy's, which forwards to the real one). So a proxy can stand
+    between some clients (the chaos run's workers) and one broker only, while the other
+    clients and the brokers' replication talk to it directly."""
 
     base: Stack
 
@@ -1047,6 +1078,19 @@ class Cluster:
 
     def internal_port(self, i: int) -> int:
         return self.base.controller_port + KAFKA_NODES + i - 1
+
+    def routed_port(self, i: int) -> int:
+        """Where node i's routed listener listens."""
+        return self.base.controller_port + 2 * KAFKA_NODES + i - 1
+
+    def routed_advertised(self, i: int) -> int:
+        """The port node i's routed listener tells clients: a proxy's, if routed."""
+        route = self.base.kafka_route
+        return route[1] if route and route[0] == i else self.routed_port(i)
+
+    @property
+    def routed_bootstrap(self) -> str:
+        return ",".join(f"{HOST}:{self.routed_advertised(i)}" for i in range(1, KAFKA_NODES + 1))
 
     def pg_node(self, j: int) -> Stack:
         b = self.base
@@ -1087,6 +1131,7 @@ class Cluster:
         found = {f"{name}:client": node.kafka_port for name, node in self.named_kafka()}
         found |= {f"{name}:controller": node.controller_port for name, node in self.named_kafka()}
         found |= {f"kafka-{i}:internal": self.internal_port(i) for i in range(1, KAFKA_NODES + 1)}
+        found |= {f"kafka-{i}:routed": self.routed_port(i) for i in range(1, KAFKA_NODES + 1)}
         found |= {name: node.pg_port for name, node in self.named_pg()}
         return found
 
@@ -1103,8 +1148,9 @@ def check_cluster_ports(cluster: Cluster) -> None:
     if clash or not all(0 < p < 65536 for p in ports.values()):
         raise StackError(
             "the cluster's ports must all differ and be 1-65535 (Kafka node i: --kafka-port + "
-            "i-1 for clients, --controller-port + i-1 and + 3 + i-1 for the controller and "
-            f"the brokers; PostgreSQL node j: --pg-port + j-1): {ports}"
+            "i-1 for clients, --controller-port + i-1, + 3 + i-1 and + 6 + i-1 for the "
+            "controller, the brokers and the routed listener; PostgreSQL node j: --pg-port + "
+            f"j-1): {ports}"
         )
 
 
@@ -1114,6 +1160,7 @@ def cluster_server_properties(cluster: Cluster, i: int) -> str:
         f"{n}@{HOST}:{cluster.kafka_node(n).controller_port}" for n in range(1, KAFKA_NODES + 1)
     )
     internal = cluster.internal_port(i)
+    routed, advertised = cluster.routed_port(i), cluster.routed_advertised(i)
     settings = {
         # three KRaft nodes, each broker and controller: a quorum of three survives one loss
         "process.roles": "broker,controller",
@@ -1121,15 +1168,18 @@ def cluster_server_properties(cluster: Cluster, i: int) -> str:
         "controller.quorum.voters": voters,
         "listeners": (
             f"PLAINTEXT://{HOST}:{node.kafka_port},INTERNAL://{HOST}:{internal},"
-            f"CONTROLLER://{HOST}:{node.controller_port}"
+            f"ROUTED://{HOST}:{routed},CONTROLLER://{HOST}:{node.controller_port}"
         ),
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{node.kafka_port},INTERNAL://{HOST}:{internal}",
+        "advertised.listeners": (
+            f"PLAINTEXT://{HOST}:{node.kafka_port},INTERNAL://{HOST}:{internal},"
+            f"ROUTED://{HOST}:{advertised}"
+        ),
         "controller.listener.names": "CONTROLLER",
         # replication on a listener of its own: a fault put between the clients and one
         # broker (a proxy on the client listener) leaves the brokers' own traffic alone
         "inter.broker.listener.name": "INTERNAL",
         "listener.security.protocol.map": (
-            "PLAINTEXT:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT"
+            "PLAINTEXT:PLAINTEXT,INTERNAL:PLAINTEXT,ROUTED:PLAINTEXT,CONTROLLER:PLAINTEXT"
         ),
         "log.dirs": str(node.kafka_data),
         # every record on three brokers, acknowledged (acks=all) once two have it: one
@@ -1170,11 +1220,17 @@ def cluster_server_properties(cluster: Cluster, i: int) -> str:
 def start_kafka_node(cluster: Cluster, i: int) -> None:
     node = cluster.kafka_node(i)
     node.kafka_dir.mkdir(parents=True, exist_ok=True)
-    shared = cluster.dir / "kafka-cluster.id"  # one id for the three nodes' storage
+    (node.kafka_dir / "cluster.id").write_text(cluster_id(cluster) + "\n")
+    start_kafka(node, cluster_server_properties(cluster, i), CLUSTER_JAVA_HEAP)
+
+
+def cluster_id(cluster: Cluster) -> str:
+    """One KRaft cluster id for the three nodes' storage; made before their threads start
+    (three threads making it at once gave one node another, empty id)."""
+    shared = cluster.dir / "kafka-cluster.id"
     if not shared.exists():
         shared.write_text(new_cluster_id() + "\n")
-    (node.kafka_dir / "cluster.id").write_text(shared.read_text())
-    start_kafka(node, cluster_server_properties(cluster, i), CLUSTER_JAVA_HEAP)
+    return shared.read_text().strip()
 
 
 def cluster_pg_conf(cluster: Cluster, j: int) -> dict[str, str]:
@@ -1401,6 +1457,8 @@ def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
                 check_port_free(cluster.kafka_node(i), "controller_port", f"kafka-{i} controller")
                 internal = replace_port(cluster.kafka_node(i), cluster.internal_port(i))
                 check_port_free(internal, "kafka_port", f"kafka-{i} inter-broker")
+                routed = replace_port(cluster.kafka_node(i), cluster.routed_port(i))
+                check_port_free(routed, "kafka_port", f"kafka-{i} routed")
         for j, name in enumerate(PG_NODE_NAMES, 1):
             if pids[name] is None:
                 pg_bindir()
@@ -1415,6 +1473,7 @@ def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
                     "kafka_port": cluster.base.kafka_port,
                     "controller_port": cluster.base.controller_port,
                     "pg_port": cluster.base.pg_port,
+                    "kafka_route": cluster.base.kafka_route,
                 },
                 indent=2,
             )
@@ -1423,6 +1482,8 @@ def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
         starters: list[Callable[[], None]] = [
             functools.partial(start_kafka_node, cluster, i) for i in kafka_down
         ]
+        if kafka_down:
+            cluster_id(cluster)
         if any(pids[name] is None for name in PG_NODE_NAMES):
             starters.append(lambda: start_pg_cluster(cluster))
         if starters:
@@ -1482,6 +1543,8 @@ def cluster_status(cluster: Cluster) -> dict[str, Any]:
             "bootstrap": node.bootstrap,
             "controller_port": node.controller_port,
             "internal_port": cluster.internal_port(i),
+            "routed_port": cluster.routed_port(i),
+            "routed_advertised": cluster.routed_advertised(i),
             "log": str(node.kafka_log),
         }
     for j, (name, node) in enumerate(cluster.named_pg(), 1):
@@ -1499,6 +1562,7 @@ def cluster_status(cluster: Cluster) -> dict[str, Any]:
         "version": kafka_version(),
         "nodes": nodes,
         "primary": f"postgres-{cluster.primary()}",
+        "routed_bootstrap": cluster.routed_bootstrap,
         "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap,
         "DATABASE_URL": cluster.database_url(),
     }
@@ -1716,6 +1780,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="three Kafka nodes and a PostgreSQL primary with a synchronous standby "
         "[PROCESSOR_STACK_CLUSTER=1; default state dir .stack-cluster; remembered by it]",
+    )
+    common.add_argument(
+        "--kafka-route",
+        help="cluster: kafka-N=PORT advertises node N's routed listener at PORT (a proxy "
+        "in front of it) [PROCESSOR_STACK_KAFKA_ROUTE; remembered; 'none': no route]",
     )
     for key, default in DEFAULT_PORTS.items():
         flag = "--" + key.replace("_", "-")

@@ -34,8 +34,8 @@ from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(900)]
 
-#: Kafka client ports (3), controller and inter-broker ports (6), PostgreSQL (2).
-PORTS_NEEDED = 11
+#: Kafka client ports (3); controller, inter-broker and routed ports (9); PostgreSQL (2).
+PORTS_NEEDED = 14
 
 
 def _port_free(port: int) -> bool:
@@ -115,7 +115,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
         PROCESSOR_STACK_CLUSTER="1",
         PROCESSOR_STACK_KAFKA_PORT=str(base),
         PROCESSOR_STACK_CONTROLLER_PORT=str(base + 3),
-        PROCESSOR_STACK_PG_PORT=str(base + 9),
+        PROCESSOR_STACK_PG_PORT=str(base + 12),
     )
     stack = ClusterStack(env)
     try:
