@@ -70,6 +70,7 @@ from processor import kafka
 from processor.audit import ANOMALIES, AuditOptions, AuditReport, run_audit
 from processor.chaos import (
     ALL_ANOMALIES,
+    CLUSTER_FAULT_KINDS,
     FAULT_KINDS,
     ClientHistory,
     Hostile,
@@ -79,7 +80,7 @@ from processor.chaos import (
     model_anomalies,
 )
 from processor.client import Client, new_request_id
-from processor.config import Settings
+from processor.config import Settings, redact_url
 from processor.contract import (
     DeleteRequest,
     Reply,
@@ -115,6 +116,29 @@ SHORT_ORDER: Final = (
     "worker-zombie",
     "net-partition",
 )
+#: The cluster run's short form: every cluster kind once.
+CLUSTER_SHORT_ORDER: Final = (
+    "kafka-net-latency",
+    "broker-leader-kill9",
+    "postgres-failover",
+    "kafka-net-reset",
+    "broker-pause",
+    "kafka-net-partition",
+    "overlap",
+)
+#: Two faults at once: the pairs ``overlap`` goes through in turn (the second starts a
+#: drawn 0.5-4 s after the first). Pairs whose ``ops/stack`` commands would wait for each
+#: other's lock (a broker restart and a failover) are left out: they would run in turn.
+OVERLAPS: Final = (
+    ("postgres-failover", "broker-pause"),
+    ("broker-leader-kill9", "kafka-net-partition"),
+    ("postgres-failover", "worker-kill9"),
+)
+#: The Kafka node the proxy stands in front of (its routed listener, see ops/stack.py).
+ROUTED_NODE: Final = 3
+#: Ports of a private cluster stack: 3 Kafka client, 9 controller/inter-broker/routed, 2
+#: PostgreSQL, in one block found free in this range (PROCESSOR_CHAOS_CLUSTER_PORTS).
+CLUSTER_PORTS: Final = 14
 SESSION_TIMEOUT: Final = 10.0  # processor.kafka.make_consumer's session_timeout_ms
 MAX_MESSAGE_BYTES: Final = 100_000  # the workers' PROCESSOR_MAX_MESSAGE_BYTES here
 POISON: Final = -(10**12)  # what a stale update writes: an acceptance shows in the counters
@@ -159,6 +183,11 @@ class Config:
     recovery_limit: float = 120.0  # waiting for a fault's recovery before the next one
     warmup: float = 8.0  # load before the first fault (the baseline)
     keep_stack: bool = False
+    cluster: bool = False  # three brokers, PostgreSQL primary + standby, the cluster kinds
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return CLUSTER_FAULT_KINDS if self.cluster else FAULT_KINDS
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -177,6 +206,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--clients", type=int, default=16, help="virtual clients [16]")
     parser.add_argument("--rows", type=int, default=300, help="counter rows [300]")
     parser.add_argument("--keep-stack", action="store_true", help="leave the stack running")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on a cluster stack (3 brokers, PostgreSQL primary + synchronous standby) with "
+        "the cluster fault kinds",
+    )
     args = parser.parse_args(argv)
     duration = args.duration if args.duration is not None else (0.0 if args.short else 600.0)
     problems = [
@@ -201,6 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         clients=args.clients,
         rows=args.rows,
         keep_stack=args.keep_stack,
+        cluster=args.cluster,
     )
 
 
@@ -236,20 +272,68 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-class PrivateStack:
-    """An ``ops/stack`` instance of the run's own: its state dir and ports."""
+def free_block(count: int) -> int:
+    """The first of ``count`` consecutive ports free now, in PROCESSOR_CHAOS_CLUSTER_PORTS
+    (LOW-HIGH, default 39000-39999)."""
+    raw = os.environ.get("PROCESSOR_CHAOS_CLUSTER_PORTS", "39000-39999")
+    low, _, high = raw.partition("-")
+    try:
+        bases = list(range(int(low), int(high) - count + 1))
+    except ValueError:
+        raise SetupError(f"PROCESSOR_CHAOS_CLUSTER_PORTS={raw!r}: must be LOW-HIGH") from None
+    random.SystemRandom().shuffle(bases)
 
-    def __init__(self, directory: Path, log: Path) -> None:
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    for base in bases[:1000]:
+        if all(free(p) for p in range(base, base + count)):
+            return base
+    raise SetupError(f"no {count} consecutive free ports in {raw}")
+
+
+class PrivateStack:
+    """An ``ops/stack`` instance of the run's own: its state dir and ports (``cluster``:
+    the cluster form, with a proxy's port in front of one broker's routed listener)."""
+
+    def __init__(self, directory: Path, log: Path, cluster: bool = False) -> None:
         self.dir = directory
         self.log = log
-        self.kafka_port, self.controller_port, self.pg_port = free_ports(3)
+        self.cluster = cluster
+        self.route: int | None = None  # the broker proxy's port (cluster)
+        if cluster:
+            base = free_block(CLUSTER_PORTS)
+            self.kafka_port, self.controller_port, self.pg_port = base, base + 3, base + 12
+        else:
+            self.kafka_port, self.controller_port, self.pg_port = free_ports(3)
 
     @property
     def bootstrap(self) -> str:
+        if self.cluster:
+            return ",".join(f"127.0.0.1:{self.kafka_port + i}" for i in range(3))
         return f"127.0.0.1:{self.kafka_port}"
 
     def database_url(self, port: int | None = None) -> str:
+        if self.cluster:  # both servers: the clients follow a failover (ops/stack.py)
+            hosts = f"127.0.0.1:{self.pg_port},127.0.0.1:{self.pg_port + 1}"
+            return f"postgresql://postgres@{hosts}/processor?target_session_attrs=read-write"
         return f"postgresql://postgres@127.0.0.1:{port or self.pg_port}/processor"
+
+    def status(self) -> dict[str, Any]:
+        done = subprocess.run(
+            [str(STACK), "status", "--json"], env=self.env(), capture_output=True, text=True
+        )
+        try:
+            status: dict[str, Any] = json.loads(done.stdout)
+        except ValueError:
+            raise SetupError(f"`ops/stack status --json` failed: {done.stderr[-500:]}") from None
+        return status
 
     def env(self) -> dict[str, str]:
         env = {
@@ -263,6 +347,10 @@ class PrivateStack:
             PROCESSOR_STACK_CONTROLLER_PORT=str(self.controller_port),
             PROCESSOR_STACK_PG_PORT=str(self.pg_port),
         )
+        if self.cluster:
+            env["PROCESSOR_STACK_CLUSTER"] = "1"
+            if self.route is not None:
+                env["PROCESSOR_STACK_KAFKA_ROUTE"] = f"kafka-{ROUTED_NODE}={self.route}"
         return env
 
     def run(self, *args: str) -> None:
@@ -874,6 +962,8 @@ class Chaos:
         self.records: list[FaultRecord] = []
         self.current = "warm-up"
         self.remove_codes: list[int] = []
+        self._zombie: tuple[int, float, float] | None = None  # (worker, fenced, assignments)
+        self.overlaps = 0
 
     def now(self) -> float:
         return time.monotonic() - self.load.t0
@@ -899,12 +989,9 @@ class Chaos:
     def _hold(self, short: float, low: float, high: float) -> float:
         return short if self.cfg.short else self.rng.uniform(low, high)
 
-    async def inject(self, kind: str) -> FaultRecord:
-        self.current = kind
-        started = self.now()
+    async def _act(self, kind: str) -> str:
+        """Inject one fault and heal it; what was done, in words."""
         detail = ""
-        zombie: int | None = None
-        fenced = assignments = 0.0
         if kind == "worker-kill9":
             n = self._pick()
             self.workers.kill9(n)
@@ -915,9 +1002,11 @@ class Chaos:
         elif kind == "worker-zombie":
             n = self._pick()
             pause = self._hold(SESSION_TIMEOUT + 3, SESSION_TIMEOUT + 2, SESSION_TIMEOUT + 10)
-            fenced = self.workers.metric(n, "processor_fenced_total") or 0.0
-            assignments = self.workers.metric(n, "processor_assignments_total") or 0.0
-            zombie = n
+            self._zombie = (
+                n,
+                self.workers.metric(n, "processor_fenced_total") or 0.0,
+                self.workers.metric(n, "processor_assignments_total") or 0.0,
+            )
             self.workers.pause(n)
             await asyncio.sleep(pause)
             self.workers.resume(n)
@@ -970,15 +1059,117 @@ class Chaos:
             await asyncio.sleep(hold)
             self.proxy.set_partition(False)
             detail = f"workers <-/-> database for {hold:.1f}s"
+        elif kind == "broker-leader-kill9":
+            node, led = await self._busiest_leader()
+            down = self._hold(2.0, 1.0, 8.0)
+            await self._blocking(lambda: self.stack.stop(f"kafka-{node}", immediate=True))
+            await asyncio.sleep(down)
+            await self._blocking(self.stack.up)
+            detail = f"kafka-{node} (leader of {led}) SIGKILL, restarted after {down:.1f}s"
+        elif kind == "broker-pause":
+            node, led = await self._busiest_leader()
+            hold = self._hold(6.0, 4.0, 15.0)
+            pid = int(self.stack.status()["nodes"][f"kafka-{node}"]["pid"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            detail = f"kafka-{node} (leader of {led}) SIGSTOP for {hold:.1f}s, then SIGCONT"
+        elif kind == "kafka-net-latency":
+            delay = self._hold(0.1, 0.02, 0.3)
+            hold = self._hold(6.0, 4.0, 15.0)
+            self.proxy.set_latency(delay)
+            await asyncio.sleep(hold)
+            self.proxy.set_latency(0.0)
+            detail = (
+                f"workers <-> kafka-{ROUTED_NODE}: {delay * 1000:.0f} ms per chunk for {hold:.1f}s"
+            )
+        elif kind == "kafka-net-reset":
+            share = self._hold(0.3, 0.1, 0.5)
+            hold = self._hold(6.0, 4.0, 15.0)
+            before = self.proxy.resets
+            self.proxy.set_reset(share)
+            await asyncio.sleep(hold)
+            self.proxy.set_reset(0.0)
+            detail = (
+                f"workers <-> kafka-{ROUTED_NODE}: {share:.0%} per second for {hold:.1f}s: "
+                f"{self.proxy.resets - before} resets"
+            )
+        elif kind == "kafka-net-partition":
+            hold = self._hold(6.0, 3.0, 20.0)
+            self.proxy.set_partition(True)
+            await asyncio.sleep(hold)
+            self.proxy.set_partition(False)
+            detail = f"workers <-/-> kafka-{ROUTED_NODE} for {hold:.1f}s"
+        elif kind == "postgres-failover":
+            before = self.stack.status()["primary"]
+            took = time.monotonic()
+            await self._blocking(lambda: self.stack.run("failover"))
+            took = time.monotonic() - took
+            after = self.stack.status()["primary"]
+            detail = (
+                f"{before} (primary) SIGKILL, {after} promoted, {before} rebuilt as the "
+                f"standby (pg_basebackup), {took:.1f}s"
+            )
+        elif kind == "overlap":
+            first, second = (
+                OVERLAPS[self.overlaps % len(OVERLAPS)]
+                if self.cfg.short
+                else self.rng.choice(OVERLAPS)
+            )
+            self.overlaps += 1
+            lag = self._hold(1.0, 0.5, 4.0)
+
+            async def later() -> str:
+                await asyncio.sleep(lag)
+                return await self._act(second)
+
+            one, two = await asyncio.gather(self._act(first), later())
+            detail = f"{first} [{one}] and, {lag:.1f}s later, {second} [{two}]"
         else:
             raise AssertionError(kind)
+        return detail
+
+    def _take_zombie(self) -> tuple[int, float, float] | None:
+        """The zombie the last fault made (worker, fenced and assignments before), once."""
+        zombie, self._zombie = self._zombie, None
+        return zombie
+
+    async def _busiest_leader(self) -> tuple[int, str]:
+        """The broker leading the most partitions of the request topic (ties: drawn), and
+        what it leads; a drawn broker if the metadata cannot be read."""
+        admin = kafka.admin_client(kafka.KafkaAccess(self.stack.bootstrap))
+        try:
+            await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
+            try:
+                topics = await asyncio.wait_for(
+                    admin.describe_topics([self.load.request_topic]), kafka.CALL_TIMEOUT
+                )
+            finally:
+                await admin.close()
+            leaders = Counter(p["leader"] for p in topics[0]["partitions"] if p["leader"] > 0)
+        except (KafkaError, OSError, TimeoutError, LookupError):
+            leaders = Counter()
+        if not leaders:
+            return self.rng.randint(1, 3), "unknown partitions"
+        most = max(leaders.values())
+        node = self.rng.choice(sorted(n for n, c in leaders.items() if c == most))
+        return int(node), f"{most} request partition{'s' if most > 1 else ''}"
+
+    async def inject(self, kind: str) -> FaultRecord:
+        self.current = kind
+        started = self.now()
+        detail = await self._act(kind)
+        zombie_seen = self._take_zombie()
         healed = self.now()
         record = FaultRecord(kind, started, healed, detail=detail)
         self.records.append(record)
         self.load.watch(self.load.t0 + healed)
         at = await self.load.wait_recovered(self.cfg.recovery_limit)
         record.recovered = None if at is None else at - self.load.t0
-        if zombie is not None:  # what the woken zombie met: fencing, a rebalance
+        if zombie_seen is not None:  # what the woken zombie met: fencing, a rebalance
+            zombie, fenced, assignments = zombie_seen
             fenced_after = self.workers.metric(zombie, "processor_fenced_total")
             assignments_after = self.workers.metric(zombie, "processor_assignments_total")
             if fenced_after is not None and assignments_after is not None:
@@ -997,12 +1188,12 @@ class Chaos:
 
     async def run(self, until: float) -> None:
         if self.cfg.short:
-            for kind in SHORT_ORDER:
+            for kind in CLUSTER_SHORT_ORDER if self.cfg.cluster else SHORT_ORDER:
                 await self.inject(kind)
                 await asyncio.sleep(2.0)
             return
         while True:
-            order = list(FAULT_KINDS)
+            order = list(self.cfg.kinds)
             self.rng.shuffle(order)
             for kind in order:
                 if time.monotonic() >= until:
@@ -1191,7 +1382,9 @@ async def progress(
         )
 
 
-async def run(cfg: Config, stack: PrivateStack, netem: str | None) -> dict[str, Any]:
+async def run(
+    cfg: Config, stack: PrivateStack, netem: str | None, broker_proxy: Proxy | None = None
+) -> dict[str, Any]:
     logdir = cfg.workdir / "logs"
     settings = Settings(
         kafka_bootstrap_servers=stack.bootstrap,
@@ -1210,12 +1403,20 @@ async def run(cfg: Config, stack: PrivateStack, netem: str | None) -> dict[str, 
     await prepare_rows(stack.database_url(), cfg, history)
     stale = await stale_versions(stack.database_url(), list(history.initial))
 
-    proxy = Proxy(stack.pg_port, cfg.seed + 2)
-    proxy_port = proxy.start()
+    if broker_proxy is not None:  # the cluster: the proxy is in front of one broker
+        proxy = broker_proxy
+        worker_bootstrap = str(stack.status()["routed_bootstrap"])
+        worker_database = stack.database_url()
+        where = f"kafka-{ROUTED_NODE} through the proxy on port {proxy.port}"
+    else:
+        proxy = Proxy(stack.pg_port, cfg.seed + 2)
+        worker_bootstrap = stack.bootstrap
+        worker_database = stack.database_url(proxy.start())
+        where = f"database through the proxy on port {proxy.port}"
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
     worker_env.update(
-        KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap,
-        DATABASE_URL=stack.database_url(proxy_port),
+        KAFKA_BOOTSTRAP_SERVERS=worker_bootstrap,
+        DATABASE_URL=worker_database,
         PROCESSOR_ENTITIES=str(DEFAULT_REGISTRY),
         PROCESSOR_METRICS_PORT="0",
         PROCESSOR_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
@@ -1224,7 +1425,7 @@ async def run(cfg: Config, stack: PrivateStack, netem: str | None) -> dict[str, 
     workers = Workers(worker_env, logdir)
     for _ in range(cfg.workers):
         workers.start()
-    say(f"{cfg.workers} workers started (database through the proxy on port {proxy_port})")
+    say(f"{cfg.workers} workers started ({where})")
 
     client = Client(
         stack.bootstrap,
@@ -1318,7 +1519,7 @@ def summarize(
     load: Load = result["load"]
     chaos: Chaos = result["chaos"]
     by_kind: dict[str, dict[str, Any]] = {}
-    for kind in FAULT_KINDS:
+    for kind in cfg.kinds:
         records = [r for r in chaos.records if r.kind == kind]
         recoveries = [r.recovery for r in records if r.recovery is not None]
         disruptions = [r.disruption for r in records if r.disruption is not None]
@@ -1457,10 +1658,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     (cfg.workdir / "logs").mkdir(exist_ok=True)
-    stack = PrivateStack(cfg.workdir / "stack", cfg.workdir / "logs" / "stack.log")
+    try:
+        stack = PrivateStack(cfg.workdir / "stack", cfg.workdir / "logs" / "stack.log", cfg.cluster)
+    except SetupError as exc:
+        say(f"error: {exc}")
+        return EXIT_SETUP
+    broker_proxy: Proxy | None = None
+    if cfg.cluster:  # listening before the brokers start: one of them advertises its port
+        broker_proxy = Proxy(0, cfg.seed + 2)
+        stack.route = broker_proxy.start()
     say(
-        f"seed {cfg.seed}; workdir {cfg.workdir}; private stack: kafka {stack.bootstrap}, "
-        f"postgres 127.0.0.1:{stack.pg_port}"
+        f"seed {cfg.seed}; workdir {cfg.workdir}; private {'cluster ' if cfg.cluster else ''}"
+        f"stack: kafka {stack.bootstrap}, postgres {redact_url(stack.database_url())}"
     )
     netem = netem_probe()
     say(
@@ -1475,7 +1684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         say("starting the private stack (ops/stack up)")
         stack.up()
-        summary = asyncio.run(run(cfg, stack, netem))
+        if broker_proxy is not None:
+            routed = stack.status()["nodes"][f"kafka-{ROUTED_NODE}"]["routed_port"]
+            broker_proxy.upstream_port = int(routed)
+        summary = asyncio.run(run(cfg, stack, netem, broker_proxy))
     except SetupError as exc:
         say(f"error: {exc}")
         return EXIT_SETUP

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ class Stack:
     kafka_sasl_ssl_port: int | None = None
     kafka_tls_dir: Path | None = None
     kafka_tls_client_auth: str = "none"
+    cluster: bool = False  # the state dir runs the cluster form (Cluster)
+    kafka_route: tuple[int, int] | None = None  # (node, port): Cluster.routed_port
 
     @property
     def kafka_dir(self) -> Path:
@@ -198,14 +201,23 @@ class Stack:
 
 def load_stack(args: argparse.Namespace) -> Stack:
     """Ports: flag, else env var, else the last `up` of this state dir, else the default."""
-    state = Path(args.dir or os.environ.get("PROCESSOR_STACK_DIR") or ROOT / ".stack").absolute()
+    asked = bool(getattr(args, "cluster", False)) or cluster_env()
+    default_dir = ROOT / (".stack-cluster" if asked else ".stack")
+    state = Path(args.dir or os.environ.get("PROCESSOR_STACK_DIR") or default_dir).absolute()
     recorded: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         recorded = json.loads((state / "stack.json").read_text())
+    cluster = asked or bool(recorded.get("cluster"))
+    if asked and recorded and not recorded.get("cluster") and (state / "kafka").exists():
+        raise StackError(
+            f"{state} holds a single-node stack: give the cluster a state dir of its own "
+            "(--dir or PROCESSOR_STACK_DIR; the default is .stack-cluster)"
+        )
+    defaults = CLUSTER_DEFAULT_PORTS if cluster else DEFAULT_PORTS
     ports: dict[str, int] = {}
     for name in DEFAULT_PORTS:
         raw = getattr(args, name, None) or os.environ.get(PORT_ENV[name])
-        value = raw if raw else recorded.get(name, DEFAULT_PORTS[name])
+        value = raw if raw else recorded.get(name, defaults[name])
         try:
             ports[name] = int(value)
         except ValueError:
@@ -220,7 +232,41 @@ def load_stack(args: argparse.Namespace) -> Stack:
         ports["controller_port"],
         ports["pg_port"],
         **sasl_ssl(args, recorded, ports),
+        cluster=cluster,
+        kafka_route=kafka_route(args, recorded) if cluster else None,
     )
+
+
+def kafka_route(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple[int, int] | None:
+    """``kafka-N=PORT``: node N's routed listener advertised at PORT (a proxy's), from the
+    flag, else PROCESSOR_STACK_KAFKA_ROUTE, else the last `up`; '' or 'none': no route."""
+    raw = getattr(args, "kafka_route", None)
+    if raw is None:
+        raw = os.environ.get("PROCESSOR_STACK_KAFKA_ROUTE")
+    if raw is None:
+        route = recorded.get("kafka_route")
+        return (int(route[0]), int(route[1])) if route else None
+    if raw.strip().lower() in {"", "none"}:
+        return None
+    name, _, port = raw.partition("=")
+    node = name.strip().removeprefix("kafka-")
+    if not (node.isdigit() and 1 <= int(node) <= KAFKA_NODES and port.strip().isdigit()):
+        raise StackError(
+            f"PROCESSOR_STACK_KAFKA_ROUTE={raw!r}: must be kafka-N=PORT (N 1-{KAFKA_NODES})"
+        )
+    if not 0 < int(port) < 65536:
+        raise StackError(f"PROCESSOR_STACK_KAFKA_ROUTE={raw!r}: port out of range")
+    return int(node), int(port)
+
+
+def cluster_env() -> bool:
+    """PROCESSOR_STACK_CLUSTER: 1/true/yes asks for the cluster form, like --cluster."""
+    raw = os.environ.get("PROCESSOR_STACK_CLUSTER", "").strip().lower()
+    if raw in {"", "0", "false", "no"}:
+        return False
+    if raw in {"1", "true", "yes"}:
+        return True
+    raise StackError(f"PROCESSOR_STACK_CLUSTER={raw!r}: must be 1, true, yes, 0, false or no")
 
 
 def sasl_ssl(
@@ -567,12 +613,15 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def start_kafka(stack: Stack) -> None:
+def start_kafka(
+    stack: Stack, properties: str | None = None, heap: Sequence[str] = JAVA_HEAP
+) -> None:
+    """Start one broker; ``properties`` (a cluster node's) replace the single node's."""
     java = java_cmd()
     libs = kafka_libs()
     stack.kafka_dir.mkdir(parents=True, exist_ok=True)
     stack.logs.mkdir(parents=True, exist_ok=True)
-    stack.server_properties.write_text(server_properties(stack))
+    stack.server_properties.write_text(properties or server_properties(stack))
     classpath = f"{libs}/*"
     log_opts = [f"-Dlog4j2.configurationFile={LOG4J2}", f"-Dkafka.logs.dir={stack.logs}"]
     add_scram = prepare_sasl_ssl(stack) if stack.kafka_sasl_ssl_port is not None else []
@@ -601,7 +650,7 @@ def start_kafka(stack: Stack) -> None:
         proc = subprocess.Popen(
             [
                 java,
-                *JAVA_HEAP,
+                *heap,
                 "-XX:+UseG1GC",
                 "-XX:MaxGCPauseMillis=20",
                 "-XX:+ExitOnOutOfMemoryError",
@@ -748,7 +797,7 @@ def pg_major(bindir: Path) -> str:
     return found.group(1)
 
 
-def postgres_conf(stack: Stack) -> str:
+def postgres_conf(stack: Stack, extra: dict[str, str] | None = None) -> str:
     settings = {
         "listen_addresses": f"'{HOST}'",
         "port": str(stack.pg_port),
@@ -762,13 +811,16 @@ def postgres_conf(stack: Stack) -> str:
         "log_line_prefix": "'%m [%p] %q%u@%d '",
         "log_timezone": "'UTC'",
         "timezone": "'UTC'",
+        **(extra or {}),
     }
     lines = ["# written by ops/stack.py at every start; edit there"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
 
-def start_postgres(stack: Stack) -> None:
+def start_postgres(stack: Stack, extra_conf: dict[str, str] | None = None) -> None:
+    """Start one server (initdb first when its data dir is empty); ``extra_conf``: a
+    cluster node's replication settings."""
     bindir = pg_bindir()
     major = pg_major(bindir)
     user = pg_user()
@@ -802,6 +854,7 @@ def start_postgres(stack: Stack) -> None:
             "# local dev stack: trust on loopback only (listen_addresses = 127.0.0.1)\n"
             "local   all all              trust\n"
             "host    all all 127.0.0.1/32 trust\n"
+            "host    replication all 127.0.0.1/32 trust\n"  # a cluster's standby streams
         )
     elif (found := version_file.read_text().strip()) != major:
         raise StackError(
@@ -810,7 +863,7 @@ def start_postgres(stack: Stack) -> None:
             f"{stack.pg_dir} (its data is lost) and run `up` again"
         )
     conf = stack.pg_data / "stack.conf"
-    conf.write_text(postgres_conf(stack))
+    conf.write_text(postgres_conf(stack, extra_conf))
     if not user.is_self:
         for path in (conf, stack.pg_data / "pg_hba.conf", stack.pg_data / "postgresql.conf"):
             os.chown(path, user.uid, user.gid)
@@ -861,16 +914,17 @@ def stop_postgres(stack: Stack, immediate: bool = False) -> None:
 # --- readiness -------------------------------------------------------------------------
 
 
-async def kafka_answers(bootstrap: str) -> str | None:
-    """None when a metadata request succeeds and lists a broker; else why not."""
+async def kafka_answers(bootstrap: str, brokers: int = 1) -> str | None:
+    """None when a metadata request succeeds and lists ``brokers`` brokers; else why not."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.errors import KafkaError
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await client.bootstrap()
-        if not client.cluster.brokers():
-            return "no broker in the metadata yet"
+        found = len(client.cluster.brokers())
+        if found < brokers:
+            return f"{found} of {brokers} brokers in the metadata"
         return None
     except (KafkaError, OSError, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -983,6 +1037,562 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+# --- the cluster: three KRaft nodes, a PostgreSQL primary and a synchronous standby ------
+
+KAFKA_NODES: Final = 3
+PG_NODES: Final = 2
+CLUSTER_DEFAULT_PORTS: Final = {"kafka_port": 19192, "controller_port": 19196, "pg_port": 15532}
+#: Three JVMs and two PostgreSQL servers share a 2-core, 24 GiB box with the workers and
+#: the tests: a heap capped at 384 MB each keeps the brokers under ~1.5 GB in all (the
+#: demo's and the chaos run's data fit in a fraction of it).
+CLUSTER_JAVA_HEAP: Final = ("-Xms128m", "-Xmx384m")
+KAFKA_NODE_NAMES: Final = tuple(f"kafka-{i}" for i in range(1, KAFKA_NODES + 1))
+PG_NODE_NAMES: Final = tuple(f"postgres-{j}" for j in range(1, PG_NODES + 1))
+CLUSTER_SERVICES: Final = (*SERVICES, *KAFKA_NODE_NAMES, *PG_NODE_NAMES)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster form of a state dir. Kafka node i (1-3) listens for clients on
+    ``kafka_port + i - 1``, as a controller on ``controller_port + i - 1`` and for the other
+    brokers on ``controller_port + 3 + i - 1``; PostgreSQL node j (1-2) on ``pg_port + j - 1``.
+    Each node is a :class:`Stack` of its own under the state dir (``kafka-1/``,
+    ``postgres-2/``), so the single node's start and stop code serves every node.
+
+    Every Kafka node has a second client listener, the *routed* one, on
+    ``controller_port + 6 + i - 1``: clients that bootstrap from it learn the other
+    brokers' routed addresses, and one node's can be advertised at another port
+    (``kafka_route``: a proxy's, which forwards to the real one). So a proxy can stand
+    between some clients (the chaos run's workers) and one broker only, while the other
+    clients and the brokers' replication talk to it directly."""
+
+    base: Stack
+
+    @property
+    def dir(self) -> Path:
+        return self.base.dir
+
+    def kafka_node(self, i: int) -> Stack:
+        b = self.base
+        return Stack(b.dir / f"kafka-{i}", b.kafka_port + i - 1, b.controller_port + i - 1, 0)
+
+    def internal_port(self, i: int) -> int:
+        return self.base.controller_port + KAFKA_NODES + i - 1
+
+    def routed_port(self, i: int) -> int:
+        """Where node i's routed listener listens."""
+        return self.base.controller_port + 2 * KAFKA_NODES + i - 1
+
+    def routed_advertised(self, i: int) -> int:
+        """The port node i's routed listener tells clients: a proxy's, if routed."""
+        route = self.base.kafka_route
+        return route[1] if route and route[0] == i else self.routed_port(i)
+
+    @property
+    def routed_bootstrap(self) -> str:
+        return ",".join(f"{HOST}:{self.routed_advertised(i)}" for i in range(1, KAFKA_NODES + 1))
+
+    def pg_node(self, j: int) -> Stack:
+        b = self.base
+        return Stack(b.dir / f"postgres-{j}", 0, 0, b.pg_port + j - 1)
+
+    @property
+    def kafka_nodes(self) -> list[Stack]:
+        return [self.kafka_node(i) for i in range(1, KAFKA_NODES + 1)]
+
+    @property
+    def pg_nodes(self) -> list[Stack]:
+        return [self.pg_node(j) for j in range(1, PG_NODES + 1)]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.kafka_nodes)
+
+    def database_url(self, database: str = DATABASE) -> str:
+        """Both servers; asyncpg (like libpq) tries them in order and keeps the first that
+        accepts writes, so a client follows a failover by reconnecting."""
+        hosts = ",".join(f"{HOST}:{node.pg_port}" for node in self.pg_nodes)
+        return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
+
+    @property
+    def primary_file(self) -> Path:
+        """Which PostgreSQL node is the primary: written at initdb and at every promotion
+        (a crashed old primary's data dir still looks like a primary's: this decides)."""
+        return self.dir / "postgres-primary"
+
+    def primary(self) -> int:
+        try:
+            j = int(self.primary_file.read_text().strip().removeprefix("postgres-"))
+        except (OSError, ValueError):
+            return 1
+        return j if 1 <= j <= PG_NODES else 1
+
+    def ports(self) -> dict[str, int]:
+        found = {f"{name}:client": node.kafka_port for name, node in self.named_kafka()}
+        found |= {f"{name}:controller": node.controller_port for name, node in self.named_kafka()}
+        found |= {f"kafka-{i}:internal": self.internal_port(i) for i in range(1, KAFKA_NODES + 1)}
+        found |= {f"kafka-{i}:routed": self.routed_port(i) for i in range(1, KAFKA_NODES + 1)}
+        found |= {name: node.pg_port for name, node in self.named_pg()}
+        return found
+
+    def named_kafka(self) -> list[tuple[str, Stack]]:
+        return list(zip(KAFKA_NODE_NAMES, self.kafka_nodes, strict=True))
+
+    def named_pg(self) -> list[tuple[str, Stack]]:
+        return list(zip(PG_NODE_NAMES, self.pg_nodes, strict=True))
+
+
+def check_cluster_ports(cluster: Cluster) -> None:
+    ports = cluster.ports()
+    clash = {p for p in ports.values() if list(ports.values()).count(p) > 1}
+    if clash or not all(0 < p < 65536 for p in ports.values()):
+        raise StackError(
+            "the cluster's ports must all differ and be 1-65535 (Kafka node i: --kafka-port + "
+            "i-1 for clients, --controller-port + i-1, + 3 + i-1 and + 6 + i-1 for the "
+            "controller, the brokers and the routed listener; PostgreSQL node j: --pg-port + "
+            f"j-1): {ports}"
+        )
+
+
+def cluster_server_properties(cluster: Cluster, i: int) -> str:
+    node = cluster.kafka_node(i)
+    voters = ",".join(
+        f"{n}@{HOST}:{cluster.kafka_node(n).controller_port}" for n in range(1, KAFKA_NODES + 1)
+    )
+    internal = cluster.internal_port(i)
+    routed, advertised = cluster.routed_port(i), cluster.routed_advertised(i)
+    settings = {
+        # three KRaft nodes, each broker and controller: a quorum of three survives one loss
+        "process.roles": "broker,controller",
+        "node.id": str(i),
+        "controller.quorum.voters": voters,
+        "listeners": (
+            f"PLAINTEXT://{HOST}:{node.kafka_port},INTERNAL://{HOST}:{internal},"
+            f"ROUTED://{HOST}:{routed},CONTROLLER://{HOST}:{node.controller_port}"
+        ),
+        "advertised.listeners": (
+            f"PLAINTEXT://{HOST}:{node.kafka_port},INTERNAL://{HOST}:{internal},"
+            f"ROUTED://{HOST}:{advertised}"
+        ),
+        "controller.listener.names": "CONTROLLER",
+        # replication on a listener of its own: a fault put between the clients and one
+        # broker (a proxy on the client listener) leaves the brokers' own traffic alone
+        "inter.broker.listener.name": "INTERNAL",
+        "listener.security.protocol.map": (
+            "PLAINTEXT:PLAINTEXT,INTERNAL:PLAINTEXT,ROUTED:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        ),
+        "log.dirs": str(node.kafka_data),
+        # every record on three brokers, acknowledged (acks=all) once two have it: one
+        # broker may be lost without losing a record or stopping writes
+        "default.replication.factor": "3",
+        "min.insync.replicas": "2",
+        "offsets.topic.replication.factor": "3",
+        "transaction.state.log.replication.factor": "3",
+        "transaction.state.log.min.isr": "2",
+        "share.coordinator.state.topic.replication.factor": "3",
+        "share.coordinator.state.topic.min.isr": "2",
+        # fewer coordinator partitions than the default 50: each is three replicas to
+        # create and elect on a small box, and 12 spread the groups and producers enough
+        "offsets.topic.num.partitions": "12",
+        "transaction.state.log.num.partitions": "12",
+        # a replica that was not in sync never becomes leader: no acknowledged record is
+        # lost to an election (the default, said out loud)
+        "unclean.leader.election.enable": "false",
+        # a follower that stops fetching (paused, cut off) leaves the ISR after 10 s rather
+        # than 30 s: acks=all writes wait for it at most that long
+        "replica.lag.time.max.ms": "10000",
+        "group.initial.rebalance.delay.ms": "0",
+        "broker.heartbeat.interval.ms": "1000",
+        "broker.session.timeout.ms": "4000",
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "delete.topic.enable": "true",
+        "num.network.threads": "2",
+        "num.io.threads": "2",
+        "num.replica.fetchers": "1",
+        "num.recovery.threads.per.data.dir": "1",
+    }
+    lines = ["# written by ops/stack.py at every start (cluster node); edit there"]
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def start_kafka_node(cluster: Cluster, i: int) -> None:
+    node = cluster.kafka_node(i)
+    node.kafka_dir.mkdir(parents=True, exist_ok=True)
+    (node.kafka_dir / "cluster.id").write_text(cluster_id(cluster) + "\n")
+    start_kafka(node, cluster_server_properties(cluster, i), CLUSTER_JAVA_HEAP)
+
+
+def cluster_id(cluster: Cluster) -> str:
+    """One KRaft cluster id for the three nodes' storage; made before their threads start
+    (three threads making it at once gave one node another, empty id)."""
+    shared = cluster.dir / "kafka-cluster.id"
+    if not shared.exists():
+        shared.write_text(new_cluster_id() + "\n")
+    return shared.read_text().strip()
+
+
+def cluster_pg_conf(cluster: Cluster, j: int) -> dict[str, str]:
+    other = cluster.pg_node(PG_NODES + 1 - j)
+    return {
+        "wal_level": "replica",
+        "max_wal_senders": "4",
+        "wal_keep_size": "'256MB'",
+        "hot_standby": "on",
+        # the walreceiver's name on the primary (pg_stat_replication.application_name)
+        "cluster_name": f"'postgres-{j}'",
+        # a commit returns once the standby has it on disk: an acknowledged commit survives
+        # the primary's loss. '*' = whichever standby streams (there is one).
+        "synchronous_standby_names": "'*'",
+        "synchronous_commit": "on",
+        # used only while standby.signal exists: a standby streams from the other node
+        "primary_conninfo": (
+            f"'host={HOST} port={other.pg_port} user=postgres application_name=postgres-{j}'"
+        ),
+        "wal_sender_timeout": "'10s'",
+        "wal_receiver_timeout": "'10s'",
+        "wal_retrieve_retry_interval": "'1s'",
+    }
+
+
+def pg_is_standby(node: Stack) -> bool:
+    return (node.pg_data / "standby.signal").exists()
+
+
+def rebuild_standby(cluster: Cluster, j: int) -> None:
+    """Node j's data replaced by a base backup of the primary, as a standby (pg_basebackup)."""
+    node, primary = cluster.pg_node(j), cluster.pg_node(cluster.primary())
+    if postgres_pid(node) is not None:
+        raise StackError(f"postgres-{j} is running: stop it before rebuilding it")
+    bindir = pg_bindir()
+    user = pg_user()
+    for d in (node.pg_dir, node.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    if not user.is_self:
+        ensure_traversable(node.pg_dir, user)
+        chown_tree(node.pg_dir, user)
+    shutil.rmtree(node.pg_data, ignore_errors=True)
+    say(f"postgres-{j}: base backup of postgres-{cluster.primary()} (pg_basebackup) ...")
+    started = time.monotonic()
+    backup = run_pg(
+        user,
+        [
+            *(str(bindir / "pg_basebackup"), "-D", str(node.pg_data), "-h", HOST),
+            *("-p", str(primary.pg_port), "-U", "postgres", "-X", "stream", "-c", "fast"),
+            "--no-password",
+        ],
+        node.pg_dir,
+    )
+    if backup.returncode != 0:
+        raise StackError(f"pg_basebackup failed:\n{backup.stdout}{backup.stderr}", primary.pg_log)
+    (node.pg_data / "standby.signal").touch()
+    if not user.is_self:
+        chown_tree(node.pg_data, user)
+    say(f"postgres-{j}: base backup done ({time.monotonic() - started:.1f}s)")
+
+
+def start_pg_cluster(cluster: Cluster) -> None:
+    """The primary (initdb on a new state dir), then the standby: a node that is not the
+    primary and is not a standby (no data yet, or a crashed old primary after a promotion)
+    is rebuilt from a base backup first, so two primaries never run."""
+    p = cluster.primary()
+    primary = cluster.pg_node(p)
+    if postgres_pid(primary) is None:
+        if pg_is_standby(primary):
+            raise StackError(
+                f"postgres-{p} is recorded as the primary ({cluster.primary_file}) but is a "
+                f"standby: `ops/stack promote postgres-{p}`, or write the primary's name there"
+            )
+        if not (primary.pg_data / "PG_VERSION").exists():
+            cluster.dir.mkdir(parents=True, exist_ok=True)
+            cluster.primary_file.write_text(f"postgres-{p}\n")
+        start_postgres(primary, cluster_pg_conf(cluster, p))
+    for j in range(1, PG_NODES + 1):
+        node = cluster.pg_node(j)
+        if j == p or postgres_pid(node) is not None:
+            continue
+        if not pg_is_standby(node):
+            rebuild_standby(cluster, j)
+        start_postgres(node, cluster_pg_conf(cluster, j))
+
+
+def kill_group(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_gone(pids, 10)
+
+
+def promote(cluster: Cluster, j: int) -> float:
+    """Standby j becomes the primary (pg_ctl promote, waits until it accepts writes)."""
+    node = cluster.pg_node(j)
+    if postgres_pid(node) is None or not pg_is_standby(node):
+        raise StackError(f"postgres-{j} is not a running standby: nothing to promote")
+    started = time.monotonic()
+    done = run_pg(
+        pg_user(),
+        [str(pg_bindir() / "pg_ctl"), "promote", "-D", str(node.pg_data), "-w", "-t", "60"],
+        node.pg_dir,
+    )
+    if done.returncode != 0:
+        raise StackError(f"pg_ctl promote failed: {done.stdout}{done.stderr}", node.pg_log)
+    cluster.primary_file.write_text(f"postgres-{j}\n")
+    took = time.monotonic() - started
+    say(f"postgres-{j} promoted ({took:.1f}s): it is the primary")
+    return took
+
+
+def cmd_failover(cluster: Cluster, rebuild: bool, timeout: float) -> int:
+    """Kill -9 the primary, promote the standby, rebuild the old primary as the standby."""
+    with locked(cluster.dir / "stack.lock"):
+        old = cluster.primary()
+        new = PG_NODES + 1 - old
+        pid = postgres_pid(cluster.pg_node(old))
+        if pid is None:
+            raise StackError(f"postgres-{old}, the primary, is not running")
+        started = time.monotonic()
+        say(f"postgres-{old} (primary, pid {pid}): SIGKILL")
+        kill_group([pid, *children(pid)])
+        promote(cluster, new)
+        if rebuild:
+            rebuild_standby(cluster, old)
+            start_postgres(cluster.pg_node(old), cluster_pg_conf(cluster, old))
+    if rebuild:
+        asyncio.run(wait_cluster(cluster, timeout))
+    say(f"failover done in {time.monotonic() - started:.1f}s: the primary is postgres-{new}")
+    return 0
+
+
+def cluster_running(cluster: Cluster) -> dict[str, int | None]:
+    found = {name: kafka_pid(node) for name, node in cluster.named_kafka()}
+    found |= {name: postgres_pid(node) for name, node in cluster.named_pg()}
+    return found
+
+
+async def sync_standby(cluster: Cluster) -> str | None:
+    """None when the primary streams to a synchronous standby (commits can return)."""
+    import asyncpg
+
+    url = cluster.pg_node(cluster.primary()).database_url("postgres")
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        states = await conn.fetch("SELECT application_name, sync_state FROM pg_stat_replication")
+    finally:
+        await conn.close()
+    if any(row["sync_state"] == "sync" for row in states):
+        return None
+    return f"no synchronous standby streaming yet ({[tuple(r) for r in states]})"
+
+
+async def wait_cluster(cluster: Cluster, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    say(f"waiting for Kafka at {cluster.bootstrap} and PostgreSQL at {cluster.database_url()} ...")
+    primary = cluster.pg_node(cluster.primary())
+
+    async def pg_probe() -> str | None:
+        probes: list[Callable[[], Awaitable[str | None]]] = [
+            functools.partial(postgres_answers, primary.database_url("postgres")),
+            functools.partial(ensure_database, primary),
+            functools.partial(sync_standby, cluster),
+            functools.partial(postgres_answers, cluster.database_url()),
+        ]
+        for probe in probes:
+            why = await probe()
+            if why is not None:
+                return why
+        return None
+
+    def all_kafka() -> bool:
+        return all(kafka_pid(node) is not None for node in cluster.kafka_nodes)
+
+    def all_pg() -> bool:
+        return all(postgres_pid(node) is not None for node in cluster.pg_nodes)
+
+    results = await asyncio.gather(
+        wait_until(
+            "Kafka",
+            lambda: kafka_answers(cluster.bootstrap, KAFKA_NODES),
+            deadline,
+            all_kafka,
+            [p for n in cluster.kafka_nodes for p in (n.kafka_log, n.kafka_out)],
+        ),
+        wait_until("PostgreSQL", pg_probe, deadline, all_pg, [n.pg_log for n in cluster.pg_nodes]),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    say(
+        f"Kafka answers with {KAFKA_NODES} brokers ({results[0]:.1f}s), PostgreSQL answers "
+        f"with a synchronous standby ({results[1]:.1f}s)"
+    )
+
+
+def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
+    started = time.monotonic()
+    given = external_endpoints()
+    if given and given != (cluster.bootstrap, cluster.database_url()):
+        say("KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: starting nothing, waiting for them")
+        asyncio.run(wait_services(given[0], given[1], timeout))
+        return 0
+    check_cluster_ports(cluster)
+    with locked(cluster.dir / "stack.lock"):
+        pids = cluster_running(cluster)
+        check_recorded_ports(
+            cluster.base,
+            {
+                "kafka": next((pids[n] for n in KAFKA_NODE_NAMES if pids[n]), None),
+                "postgres": next((pids[n] for n in PG_NODE_NAMES if pids[n]), None),
+            },
+        )
+        kafka_down = [i for i, name in enumerate(KAFKA_NODE_NAMES, 1) if pids[name] is None]
+        if kafka_down:
+            java_cmd()
+            for i in kafka_down:
+                check_port_free(cluster.kafka_node(i), "kafka_port", f"kafka-{i}")
+                check_port_free(cluster.kafka_node(i), "controller_port", f"kafka-{i} controller")
+                internal = replace_port(cluster.kafka_node(i), cluster.internal_port(i))
+                check_port_free(internal, "kafka_port", f"kafka-{i} inter-broker")
+                routed = replace_port(cluster.kafka_node(i), cluster.routed_port(i))
+                check_port_free(routed, "kafka_port", f"kafka-{i} routed")
+        for j, name in enumerate(PG_NODE_NAMES, 1):
+            if pids[name] is None:
+                pg_bindir()
+                check_port_free(cluster.pg_node(j), "pg_port", name)
+        if all(pids.values()):
+            say(f"already running ({', '.join(f'{n} pid {p}' for n, p in pids.items())})")
+        cluster.dir.mkdir(parents=True, exist_ok=True)
+        cluster.base.ports_file.write_text(
+            json.dumps(
+                {
+                    "cluster": True,
+                    "kafka_port": cluster.base.kafka_port,
+                    "controller_port": cluster.base.controller_port,
+                    "pg_port": cluster.base.pg_port,
+                    "kafka_route": cluster.base.kafka_route,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        starters: list[Callable[[], None]] = [
+            functools.partial(start_kafka_node, cluster, i) for i in kafka_down
+        ]
+        if kafka_down:
+            cluster_id(cluster)
+        if any(pids[name] is None for name in PG_NODE_NAMES):
+            starters.append(lambda: start_pg_cluster(cluster))
+        if starters:
+            with ThreadPoolExecutor(len(starters)) as pool:
+                futures = [pool.submit(fn) for fn in starters]
+            for future in futures:
+                future.result()
+        asyncio.run(wait_cluster(cluster, timeout))
+    if starters:
+        say(
+            f"cluster up in {time.monotonic() - started:.1f}s: `ops/stack env` prints its endpoints"
+        )
+    return 0
+
+
+def replace_port(node: Stack, port: int) -> Stack:
+    return Stack(node.dir, port, node.controller_port, node.pg_port)
+
+
+def cluster_nodes_named(service: str) -> list[str]:
+    if service == "kafka":
+        return list(KAFKA_NODE_NAMES)
+    if service == "postgres":
+        return list(PG_NODE_NAMES)
+    if service in KAFKA_NODE_NAMES or service in PG_NODE_NAMES:
+        return [service]
+    raise StackError(f"no service {service!r} in a cluster: one of {', '.join(CLUSTER_SERVICES)}")
+
+
+def cmd_cluster_down(cluster: Cluster, immediate: bool, services: Sequence[str] = SERVICES) -> int:
+    names = [n for s in services for n in cluster_nodes_named(s)]
+    with locked(cluster.dir / "stack.lock"):
+        with ThreadPoolExecutor(len(names)) as pool:
+            futures = []
+            for name, node in cluster.named_kafka():
+                if name in names:
+                    futures.append(pool.submit(stop_kafka, node, immediate))
+            for name, node in cluster.named_pg():
+                if name in names:
+                    futures.append(pool.submit(stop_postgres, node, immediate))
+        for future in futures:
+            future.result()
+        left = {n: p for n, p in cluster_running(cluster).items() if p and n in names}
+    if left:
+        raise StackError(f"still running after stop: {left}")
+    return 0
+
+
+def cluster_status(cluster: Cluster) -> dict[str, Any]:
+    pids = cluster_running(cluster)
+    nodes: dict[str, Any] = {}
+    for i, (name, node) in enumerate(cluster.named_kafka(), 1):
+        nodes[name] = {
+            "running": pids[name] is not None,
+            "pid": pids[name],
+            "node_id": i,
+            "bootstrap": node.bootstrap,
+            "controller_port": node.controller_port,
+            "internal_port": cluster.internal_port(i),
+            "routed_port": cluster.routed_port(i),
+            "routed_advertised": cluster.routed_advertised(i),
+            "log": str(node.kafka_log),
+        }
+    for j, (name, node) in enumerate(cluster.named_pg(), 1):
+        nodes[name] = {
+            "running": pids[name] is not None,
+            "pid": pids[name],
+            "port": node.pg_port,
+            "role": "primary" if j == cluster.primary() else "standby",
+            "data": str(node.pg_data),
+            "log": str(node.pg_log),
+        }
+    return {
+        "state_dir": str(cluster.dir),
+        "cluster": True,
+        "version": kafka_version(),
+        "nodes": nodes,
+        "primary": f"postgres-{cluster.primary()}",
+        "routed_bootstrap": cluster.routed_bootstrap,
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap,
+        "DATABASE_URL": cluster.database_url(),
+    }
+
+
+def cmd_cluster_status(cluster: Cluster, as_json: bool) -> int:
+    info = cluster_status(cluster)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"state dir   {cluster.dir} (cluster)")
+        for name, node in info["nodes"].items():
+            pid = node["pid"]
+            state = f"running  pid {pid:<7}" if pid else "stopped           "
+            where = node.get("bootstrap") or f"{HOST}:{node['port']} {node['role']}"
+            print(f"{name:<11} {state} {where}")
+    return 0 if all(node["running"] for node in info["nodes"].values()) else 3
+
+
+def cmd_cluster_logs(cluster: Cluster, which: str | None, follow: bool, lines: int) -> int:
+    names = cluster_nodes_named(which) if which else [*KAFKA_NODE_NAMES, *PG_NODE_NAMES]
+    files = [n.kafka_log for name, n in cluster.named_kafka() if name in names]
+    files += [n.pg_log for name, n in cluster.named_pg() if name in names]
+    present = [str(f) for f in files if f.exists()]
+    if not present:
+        raise StackError(f"no logs yet in {cluster.dir}")
+    sys.stdout.flush()
+    os.execvp("tail", ["tail", "-n", str(lines), *(["-F"] if follow else []), *present])  # noqa: S606
+
+
 # --- commands ---------------------------------------------------------------------------
 
 
@@ -1084,10 +1694,14 @@ def cmd_down(stack: Stack, immediate: bool, services: Sequence[str] = SERVICES) 
 
 
 def endpoints(stack: Stack) -> dict[str, str]:
+    return endpoints_of(stack.bootstrap, stack.database_url())
+
+
+def endpoints_of(bootstrap: str, database_url: str) -> dict[str, str]:
     given = external_endpoints()
     if given:
         return {"KAFKA_BOOTSTRAP_SERVERS": given[0], "DATABASE_URL": given[1]}
-    return {"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": stack.database_url()}
+    return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": database_url}
 
 
 def cmd_env(stack: Stack, as_json: bool, sasl_ssl: bool = False) -> int:
@@ -1161,6 +1775,17 @@ def cmd_wait(stack: Stack, timeout: float) -> int:
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", help="state dir [PROCESSOR_STACK_DIR, default .stack]")
+    common.add_argument(
+        "--cluster",
+        action="store_true",
+        help="three Kafka nodes and a PostgreSQL primary with a synchronous standby "
+        "[PROCESSOR_STACK_CLUSTER=1; default state dir .stack-cluster; remembered by it]",
+    )
+    common.add_argument(
+        "--kafka-route",
+        help="cluster: kafka-N=PORT advertises node N's routed listener at PORT (a proxy "
+        "in front of it) [PROCESSOR_STACK_KAFKA_ROUTE; remembered; 'none': no route]",
+    )
     for key, default in DEFAULT_PORTS.items():
         flag = "--" + key.replace("_", "-")
         common.add_argument(flag, type=int, help=f"[{PORT_ENV[key]}, default {default}]")
@@ -1188,10 +1813,10 @@ def parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", parents=[common], help="stop both, leave no process behind")
     down.add_argument("--immediate", action="store_true", help="SIGKILL / pg_ctl -m immediate")
     stop = sub.add_parser("stop", parents=[common], help="stop one service")
-    stop.add_argument("service", choices=SERVICES)
+    stop.add_argument("service", choices=CLUSTER_SERVICES, help="a cluster's node too: kafka-2")
     stop.add_argument("--immediate", action="store_true", help="SIGKILL / pg_ctl -m immediate")
     restart = sub.add_parser("restart", parents=[common], help="stop one service, then `up`")
-    restart.add_argument("service", choices=SERVICES)
+    restart.add_argument("service", choices=CLUSTER_SERVICES)
     restart.add_argument("--immediate", action="store_true")
     restart.add_argument("--timeout", type=float, default=180)
     status = sub.add_parser("status", parents=[common], help="pids and ports (exit 3: not up)")
@@ -1204,13 +1829,70 @@ def parser() -> argparse.ArgumentParser:
         help="the settings of the SASL_SSL listener (KAFKA_SECURITY_PROTOCOL and the rest)",
     )
     logs = sub.add_parser("logs", parents=[common], help="tail the logs")
-    logs.add_argument("service", nargs="?", choices=SERVICES)
+    logs.add_argument("service", nargs="?", choices=CLUSTER_SERVICES)
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=50)
     wait = sub.add_parser("wait", parents=[common], help="wait until both answer")
     wait.add_argument("--timeout", type=float, default=180)
     sub.add_parser("fetch", parents=[common], help="resolve the Kafka jars (ops/bootstrap)")
+    promote_cmd = sub.add_parser(
+        "promote", parents=[common], help="cluster: the standby becomes the primary"
+    )
+    promote_cmd.add_argument("service", choices=PG_NODE_NAMES)
+    failover = sub.add_parser(
+        "failover",
+        parents=[common],
+        help="cluster: kill -9 the primary, promote the standby, rebuild the old primary "
+        "as the new standby (pg_basebackup)",
+    )
+    failover.add_argument(
+        "--no-rebuild", action="store_true", help="leave the old primary down (`up` rebuilds it)"
+    )
+    failover.add_argument("--timeout", type=float, default=180)
     return top
+
+
+def cluster_main(cluster: Cluster, args: argparse.Namespace) -> int:
+    command: str = args.command
+    if cluster.base.kafka_sasl_ssl_port is not None:
+        raise StackError("the cluster has no SASL_SSL listener: use the single-node stack for it")
+    check_cluster_ports(cluster)
+    if command == "up":
+        return cmd_cluster_up(cluster, args.timeout)
+    if command == "down":
+        return cmd_cluster_down(cluster, args.immediate)
+    if command == "stop":
+        return cmd_cluster_down(cluster, args.immediate, [args.service])
+    if command == "restart":
+        cmd_cluster_down(cluster, args.immediate, [args.service])
+        return cmd_cluster_up(cluster, args.timeout)
+    if command == "status":
+        return cmd_cluster_status(cluster, args.json)
+    if command == "env":
+        if args.sasl_ssl:
+            raise StackError("the cluster has no SASL_SSL listener")
+        values = endpoints_of(cluster.bootstrap, cluster.database_url())
+        print(
+            json.dumps(values)
+            if args.json
+            else "\n".join(f"export {k}={v}" for k, v in values.items())
+        )
+        return 0
+    if command == "logs":
+        return cmd_cluster_logs(cluster, args.service, args.follow, args.lines)
+    if command == "wait":
+        asyncio.run(wait_cluster(cluster, args.timeout))
+        return 0
+    if command == "promote":
+        with locked(cluster.dir / "stack.lock"):
+            promote(cluster, int(args.service.removeprefix("postgres-")))
+        return 0
+    if command == "failover":
+        return cmd_failover(cluster, not args.no_rebuild, args.timeout)
+    if command == "fetch":
+        kafka_libs()
+        return 0
+    raise AssertionError(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1218,6 +1900,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stack = load_stack(args)
         command: str = args.command
+        if stack.cluster:
+            return cluster_main(Cluster(stack), args)
+        service = getattr(args, "service", None)
+        if command in {"promote", "failover"} or service not in (None, *SERVICES):
+            raise StackError(f"`{command} {service or ''}` needs a cluster stack (--cluster)")
         if command == "up":
             return cmd_up(stack, args.timeout)
         if command == "down":

@@ -47,6 +47,7 @@ from processor.contract import DeadLetter, Reply
 
 __all__ = [
     "ALL_ANOMALIES",
+    "CLUSTER_FAULT_KINDS",
     "COUNTER_MISMATCH",
     "DELETE_MISMATCH",
     "FAULT_KINDS",
@@ -92,6 +93,18 @@ FAULT_KINDS: Final = (
     "net-latency",
     "net-reset",
     "net-partition",
+)
+
+#: The fault kinds of the cluster run (``ops/chaos --cluster``): three brokers, a
+#: PostgreSQL primary with a synchronous standby, a proxy between the workers and one broker.
+CLUSTER_FAULT_KINDS: Final = (
+    "broker-leader-kill9",
+    "broker-pause",
+    "kafka-net-latency",
+    "kafka-net-reset",
+    "kafka-net-partition",
+    "postgres-failover",
+    "overlap",
 )
 
 _reply_decoder: Final = msgspec.json.Decoder(Reply)

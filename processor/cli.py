@@ -295,7 +295,12 @@ async def _topics(settings: Settings) -> int:
     from processor.kafka import ensure_topics
 
     topics = [settings.request_topic, settings.reply_topic, settings.dlq_topic]
-    created = await ensure_topics(settings.kafka_access(), topics, partitions=settings.partitions)
+    created = await ensure_topics(
+        settings.kafka_access(),
+        topics,
+        partitions=settings.partitions,
+        replication=settings.replication_factor,
+    )
     for t in topics:
         print(f"{t}: {'created' if t in created else 'exists'}")
     return 0

@@ -344,6 +344,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "partitions `processor topics` creates",
     ),
     Setting(
+        "replication_factor",
+        "PROCESSOR_REPLICATION_FACTOR",
+        _integer(1, 32_767),
+        "replicas of each partition `processor topics` creates (default: one per live "
+        "broker, at most 3; more than the brokers is an error)",
+    ),
+    Setting(
         "ledger_retention_days",
         "PROCESSOR_LEDGER_RETENTION_DAYS",
         _integer(1, 36_500),
@@ -390,6 +397,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"  # noqa: S104  # every interface: scraped from outside
     metrics_port: int = 9108
     partitions: int = 6
+    replication_factor: int | None = None  # None: from the cluster's size (kafka.py)
     ledger_retention_days: int = 30
     log_level: str = "info"
     log_format: str = "json"

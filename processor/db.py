@@ -3,7 +3,10 @@
 ``DATABASE_URL`` goes to asyncpg unchanged, so every libpq parameter asyncpg implements
 works as is: ``sslmode`` (``verify-full`` checks the server's certificate against
 ``sslrootcert`` *and* the host name against its names), ``sslrootcert``, ``sslcert``,
-``sslkey``, ``sslpassword``, ``sslcrl``, and the ``PGSSL*`` environment variables. The URL
+``sslkey``, ``sslpassword``, ``sslcrl``, and the ``PGSSL*`` environment variables; and
+several hosts with ``target_session_attrs`` (``postgresql://u@h1:5432,h2:5432/db?
+target_session_attrs=read-write``): each connection goes to the first host that accepts
+writes, so after a standby's promotion the pool's new connections find it. The URL
 may hold a password: it is never logged, and errors show it redacted.
 """
 
@@ -45,6 +48,7 @@ _CONNECT_ERRORS: Final = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # several hosts, none the primary (yet)
     ValueError,
 )
 
@@ -73,10 +77,12 @@ def _command_timeout(settings: Settings) -> float:
 def describe_connect_error(url: str, exc: BaseException) -> str:
     """One line saying why connecting failed, without the password."""
     parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
     try:
         where = f"{parts.hostname or 'the default host'}:{parts.port or 5432}"
     except ValueError:
-        where = "the host in DATABASE_URL"
+        # several hosts (host1:port1,host2:port2, a primary and its standbys) are no port
+        where = hosts if "," in hosts else "the host in DATABASE_URL"
     modes = parse_qs(parts.query).get("sslmode", [])
     mode = modes[-1] if modes else "prefer"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -96,6 +102,12 @@ def describe_connect_error(url: str, exc: BaseException) -> str:
         )
     elif isinstance(exc, TimeoutError):
         reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+    elif isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        attrs = parse_qs(parts.query).get("target_session_attrs", ["any"])[-1]
+        reason = (
+            f"no host accepts a session with target_session_attrs={attrs} (a failover under "
+            "way: the standby not promoted yet)"
+        )
     else:
         reason = f"{type(exc).__name__}: {exc}".strip()
     text = f"cannot connect to PostgreSQL at {where} (DATABASE_URL={redact_url(url)}): {reason}"
@@ -121,6 +133,8 @@ def connect_error(url: str, exc: BaseException) -> ProcessorError:
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         unavailable = state.startswith(_UNAVAILABLE_CLASSES)
+    elif isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        unavailable = True
     else:
         unavailable = isinstance(exc, OSError | TimeoutError) and not isinstance(
             exc, ssl.SSLError | FileNotFoundError | IsADirectoryError | PermissionError

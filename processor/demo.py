@@ -52,6 +52,7 @@ async def install_demo(settings: Settings) -> Path:
         settings.kafka_access(),
         [settings.request_topic, settings.reply_topic, settings.dlq_topic],
         partitions=settings.partitions,
+        replication=settings.replication_factor,
     )
     return registry
 

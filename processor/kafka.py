@@ -228,21 +228,60 @@ def admin_client(access: KafkaAccess) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**access.client_options(), request_timeout_ms=30_000)
 
 
+#: Replicas per topic when the setting leaves it to the cluster: one per broker, at most
+#: three (three copies with min.insync.replicas 2 survive the loss of a broker and still
+#: take acks=all writes; more only costs).
+MAX_DEFAULT_REPLICATION = 3
+
+
+def min_insync_replicas(replication: int) -> int:
+    """A topic's min.insync.replicas: 2 from three replicas up (an acknowledged record is on
+    two brokers), else 1 (two replicas needing two in sync would stop at the first loss)."""
+    return 2 if replication >= 3 else 1
+
+
 async def ensure_topics(
-    access: KafkaAccess, topics: Iterable[str], *, partitions: int
+    access: KafkaAccess,
+    topics: Iterable[str],
+    *,
+    partitions: int,
+    replication: int | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the names it created."""
+    """Create the topics that do not exist yet; returns the names it created.
+
+    ``replication``: replicas per partition; None: the live brokers', at most
+    :data:`MAX_DEFAULT_REPLICATION`. More than the cluster's brokers is a
+    :class:`ConfigError`.
+    """
     admin = admin_client(access)
     await asyncio.wait_for(admin.start(), CALL_TIMEOUT)
     try:
         existing = set(await asyncio.wait_for(admin.list_topics(), CALL_TIMEOUT))
         wanted = [t for t in dict.fromkeys(topics) if t not in existing]
-        created = []
+        created: list[str] = []
+        if not wanted:
+            return created
+        cluster = await asyncio.wait_for(admin.describe_cluster(), CALL_TIMEOUT)
+        brokers = len(cluster.get("brokers", []))
+        factor = replication or max(1, min(MAX_DEFAULT_REPLICATION, brokers))
+        if factor > brokers:
+            raise ConfigError(
+                f"PROCESSOR_REPLICATION_FACTOR={factor}: the cluster has {brokers} live "
+                f"broker{'s' if brokers != 1 else ''}; a topic cannot have more replicas"
+            )
+        configs = {"min.insync.replicas": str(min_insync_replicas(factor))}
         for topic in wanted:
             try:
                 await asyncio.wait_for(
                     admin.create_topics(
-                        [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+                        [
+                            NewTopic(
+                                topic,
+                                num_partitions=partitions,
+                                replication_factor=factor,
+                                topic_configs=configs,
+                            )
+                        ]
                     ),
                     CALL_TIMEOUT,
                 )

@@ -504,6 +504,7 @@ async def _prepare(settings: Settings, opts: LoadOptions) -> tuple[Settings, Ent
             settings.kafka_access(),
             [settings.request_topic, settings.reply_topic, settings.dlq_topic],
             partitions=settings.partitions,
+            replication=settings.replication_factor,
         )
     conn = await asyncpg.connect(settings.database_url, timeout=30)
     try:

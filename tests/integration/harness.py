@@ -103,6 +103,7 @@ class Scenario:
     schema: str
     tmp: Path
     partitions: int = 4
+    replication: int = 1  # 3 on a cluster stack
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -142,7 +143,12 @@ class Scenario:
         try:
             await admin.create_topics(
                 [
-                    NewTopic(t, num_partitions=self.partitions, replication_factor=1)
+                    NewTopic(
+                        t,
+                        num_partitions=self.partitions,
+                        replication_factor=self.replication,
+                        topic_configs={"min.insync.replicas": str(min(2, self.replication))},
+                    )
                     for t in (self.request_topic, self.reply_topic, self.dlq_topic)
                 ]
             )

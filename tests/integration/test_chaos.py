@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.chaos import ALL_ANOMALIES, FAULT_KINDS
+from processor.chaos import ALL_ANOMALIES, CLUSTER_FAULT_KINDS, FAULT_KINDS
 from tests.support import ROOT
 
 pytestmark = [pytest.mark.chaos, pytest.mark.faults, pytest.mark.timeout(420)]
@@ -64,3 +64,42 @@ def test_the_short_chaos_run_injects_every_fault_kind_and_finds_no_anomaly(
     assert counts["dead_letters"] >= figures["hostile_records"], counts
     assert summary["incidents"]["workers_exited_unexpectedly"] == {}, output
     assert summary["incidents"]["worker_remove_exit_codes"] == [0], output  # SIGTERM: clean
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_the_short_cluster_chaos_run_injects_every_cluster_fault_kind_and_finds_no_anomaly(
+    tmp_path: Path,
+) -> None:
+    """On a cluster stack (three brokers; PostgreSQL primary + synchronous standby): the
+    busiest leader broker killed -9, a broker paused, the link between the workers and one
+    broker slowed, reset and partitioned, a PostgreSQL failover (kill -9, promote, rebuild)
+    and two faults at once, under the same load: no anomaly, every fault recovered from."""
+    result = tmp_path / "chaos.json"
+    done = subprocess.run(
+        [
+            str(ROOT / "ops" / "chaos"),
+            *("--cluster", "--short", "--seed", "11", "--workers", "3"),
+            *("--workdir", str(tmp_path / "run"), "--json", str(result)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    output = f"--- stdout ---\n{done.stdout[-6000:]}\n--- stderr ---\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, output
+    summary = json.loads(result.read_text())
+
+    assert summary["ok"] is True, output
+    assert {kind: n for kind, n in summary["anomalies"].items() if n} == {}, output
+    by_kind = summary["faults"]["by_kind"]
+    assert {kind: by_kind[kind]["injected"] for kind in CLUSTER_FAULT_KINDS} == dict.fromkeys(
+        CLUSTER_FAULT_KINDS, 1
+    )
+    assert [k for k in CLUSTER_FAULT_KINDS if by_kind[k]["not_recovered"]] == [], output
+    figures = summary["figures"]
+    assert figures["requests_sent"] > 500, figures
+    assert figures["increments_acked"] > 100, figures
+    assert figures["unsettled"] == 0, figures
+    assert figures["proxy_resets"] > 0, figures  # the broker proxy carried the workers
+    assert summary["incidents"]["workers_exited_unexpectedly"] == {}, output

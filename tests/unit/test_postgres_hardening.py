@@ -7,9 +7,9 @@ import asyncpg
 import pytest
 
 from processor.config import Settings, redact_url
-from processor.db import describe_connect_error, session_settings
+from processor.db import connect_error, describe_connect_error, session_settings
 from processor.engine import is_transient
-from processor.errors import ConfigError
+from processor.errors import ConfigError, ServiceUnreachable
 from processor.grants import check_role_name, plan_for, statements
 from processor.ledger import Ledger
 from processor.registry import Column, Entity, Registry
@@ -188,3 +188,18 @@ def test_a_connection_left_mid_operation_is_retried_not_a_request_fault() -> Non
     """asyncpg's InternalClientError ("cannot switch to state ...; another operation is in
     progress") is a broken connection, not a bad request: retry the batch elsewhere."""
     assert is_transient(asyncpg.InternalClientError("cannot switch to state 15"))
+
+
+def test_a_multi_host_url_is_accepted_as_is_and_its_errors_name_every_host() -> None:
+    """A primary and its standby in one URL (asyncpg tries them in order, keeps the one
+    that accepts writes): passed through unchanged; no host accepting writes yet (the
+    standby not promoted) is "unreachable" (exit 4, retried by the worker), not a setting
+    to fix."""
+    url = "postgresql://u:pw@10.0.0.1:5432,10.0.0.2:5433/app?target_session_attrs=read-write"
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+    error = connect_error(url, asyncpg.TargetServerAttributeNotMatched("no match"))
+    assert isinstance(error, ServiceUnreachable)
+    assert "10.0.0.1:5432,10.0.0.2:5433" in str(error)
+    assert "target_session_attrs=read-write" in str(error)
+    assert "pw" not in str(error)
+    assert is_transient(asyncpg.TargetServerAttributeNotMatched("no match"))
