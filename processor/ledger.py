@@ -109,9 +109,10 @@ CREATE INDEX IF NOT EXISTS request_ledger_record
             # commit before the rows it read are on the synchronous standby. A ledger row
             # can be visible and not replicated: its COMMIT's wait for the standby was
             # cancelled (the client's timeout, an operator), and PostgreSQL then commits
-            # locally. A transaction that wrote nothing does not wait at its commit; one
-            # with a transaction id does, for WAL past the row it read.
-            await conn.execute("SELECT pg_current_xact_id()")
+            # locally. A transaction that wrote no WAL does not wait at its commit (an xid
+            # alone is not enough: tried); a transactional logical message is a WAL record
+            # any role may write, and the commit then waits for WAL past the row it read.
+            await conn.execute("SELECT pg_logical_emit_message(true, 'processor', 'replay')")
         return {r["request_id"]: StoredReply(r["fingerprint"], r["reply"]) for r in rows}
 
     async def insert(self, conn: Connection, entries: Sequence[LedgerEntry]) -> None:

@@ -111,20 +111,23 @@ async def test_a_lookup_that_finds_a_stored_reply_makes_its_transaction_wait_at_
     pg: asyncpg.Connection, db_schema: str
 ) -> None:
     """A ledger row can be visible before it is on a synchronous standby (its commit's wait
-    was cancelled: PostgreSQL then commits locally). A transaction that finds one gets a
-    transaction id, so its own COMMIT waits for the standby before the stored reply is
-    published again; one that finds nothing stays without (no cost for new requests).
-    The wait itself, on a real standby: tests/integration/test_cluster.py."""
+    was cancelled: PostgreSQL then commits locally). A transaction that finds one writes
+    WAL (a transactional logical message: a transaction id alone does not make a COMMIT
+    wait), so its own COMMIT waits for the standby before the stored reply is published
+    again; one that finds nothing writes none (no cost for new requests). The wait
+    itself, on a real standby: tests/integration/test_cluster.py."""
     ledger = Ledger(db_schema)
     await ledger.migrate(pg)
     await ledger.insert(pg, [_entry("a", datetime.now(UTC), b"{}")])
+    # What the message leaves in the transaction that is visible to it alone: an xid
+    # (the WAL position is global: other sessions move it too).
     assigned = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     async with pg.transaction():
         assert await ledger.lookup(pg, ["unknown"]) == {}
-        assert await pg.fetchval(assigned) is False
+        assert await pg.fetchval(assigned) is False, "a lookup that found nothing wrote"
     async with pg.transaction():
         assert set(await ledger.lookup(pg, ["unknown", "a"])) == {"a"}
-        assert await pg.fetchval(assigned) is True
+        assert await pg.fetchval(assigned) is True, "a lookup that found a reply wrote nothing"
 
 
 async def test_lookup_returns_stored_replies_by_request_id(
