@@ -76,6 +76,8 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from processor.names import is_identifier
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 CONTENDERS: Final = ROOT / "ops" / "bench_contenders.py"
 MISMATCH: Final = -2147088254  # ConcurrencyVersionMismatch
@@ -353,7 +355,7 @@ def bench_dsn(database_url: str, name: str | None = None) -> tuple[str, str]:
     """(URL of the bench database, its name): the same server, database ``<name>_bench``."""
     parts = urlsplit(database_url)
     name = name or (parts.path.lstrip("/") or "postgres") + "_bench"
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+    if not is_identifier(name):
         raise SystemExit(f"bench: database name {name!r} is not a plain identifier")
     return urlunsplit(parts._replace(path="/" + name)), name
 

@@ -139,7 +139,7 @@ from aiokafka import TopicPartition
 
 from processor import db, kafka
 from processor.config import Settings
-from processor.contract import DeadLetter, Reply
+from processor.contract import DeadLetter, Reply, decode_reply
 from processor.engine import Envelope
 from processor.errors import (
     FAULT_TYPES,
@@ -212,7 +212,6 @@ _DUPLICATE: Final = DuplicateRequest.code
 _UNEXPECTED: Final = UnexpectedError.code
 _INTAKE_CODES: Final = frozenset({InvalidArgument.code, RequestTooLarge.code})
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 _dead_decoder: Final = msgspec.json.Decoder(DeadLetter)
 _encoder: Final = msgspec.json.Encoder(order="deterministic")
 
@@ -554,7 +553,7 @@ def read_reply(topic: str, partition: int, offset: int, value: bytes | None) -> 
     data = value or b""
     digest = _digest(data)
     try:
-        reply = _reply_decoder.decode(data)
+        reply = decode_reply(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ReplyCopy(topic, partition, offset, None, digest)
     loose = application = None
@@ -626,7 +625,7 @@ class _LedgerFacts:
 def ledger_row_problems(row: LedgerEntry) -> list[str]:
     """What is inconsistent inside one ledger row (its reply bytes vs its columns)."""
     try:
-        reply = _reply_decoder.decode(row.reply)
+        reply = decode_reply(row.reply)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return [f"reply bytes are not a Reply ({str(exc)[:80]})"]
     problems = []
@@ -1008,7 +1007,7 @@ class Auditor:
         problems = ledger_row_problems(row)
         application = None
         if row.applied and not problems:
-            application = _application(_reply_decoder.decode(row.reply))
+            application = _application(decode_reply(row.reply))
         facts = _LedgerFacts(
             row.fingerprint,
             _digest(row.reply),

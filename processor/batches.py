@@ -42,6 +42,7 @@ from processor.contract import (
     ExecuteTransactionRequest,
     Reply,
     RetrieveEntityRequest,
+    decode_reply,
     encode_reply,
     fault_detail,
 )
@@ -75,8 +76,6 @@ __all__ = ["MAX_REPLY_BYTES", "process_mixed"]
 #: Largest reply an execute request may get: Kafka refuses records over ~1 MB by default,
 #: and a reply that cannot be published would hold its partition forever.
 MAX_REPLY_BYTES: Final = 900_000
-
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 
 
 class _Rollback(Exception):
@@ -123,7 +122,7 @@ async def _process_one(engine: Engine, conn: Connection, env: Envelope) -> Outco
         previous = stored.get(req.request_id)
         if previous is not None:
             if previous.fingerprint == env.fingerprint:
-                return _replayed(_reply_decoder.decode(previous.reply), previous.reply)
+                return _replayed(decode_reply(previous.reply), previous.reply)
             fault: Fault = DuplicateRequest(
                 f"request_id {_shown(req.request_id)} was already used for a different request"
             )

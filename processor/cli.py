@@ -20,7 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from processor.config import SETTINGS, Settings
-from processor.contract import Reply, Request, decode_request, encode_reply
+from processor.contract import Reply, Request, decode_request, encode_reply, record_key
 from processor.errors import ConfigError, Fault, ProcessorError, ServiceUnreachable
 
 __all__ = [
@@ -448,9 +448,7 @@ def _as_given(raw: str, reply_topic: str) -> tuple[bytes, str, bytes | None]:
         request_id = uuid.uuid4().hex  # the header's; the body's cannot be read
     reply_to = fields.get("reply_to")
     _check_reply_to(reply_to if isinstance(reply_to, str) else None, reply_topic)
-    entity, key_id = fields.get("entity"), fields.get("id")
-    key = f"{entity}:{key_id}".encode() if isinstance(entity, str) and key_id is not None else None
-    return value, request_id, key
+    return value, request_id, record_key(fields.get("entity"), fields.get("id"))
 
 
 def _check_reply_to(reply_to: str | None, reply_topic: str) -> None:

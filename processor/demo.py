@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 
 from processor import db, kafka
 from processor.config import Settings
-from processor.contract import Reply
+from processor.contract import Reply, decode_reply, record_key
 from processor.errors import ConfigError
 from processor.ledger import Ledger
 from processor.registry import load_registry, quote
@@ -28,7 +28,6 @@ from processor.registry import load_registry, quote
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "ops" / "demo" / "entities.toml"
-_reply_decoder = msgspec.json.Decoder(Reply)
 
 
 async def install_demo(settings: Settings) -> Path:
@@ -249,11 +248,11 @@ async def run_demo(settings: Settings) -> int:
         print(f"sending {len(plan)} requests to {settings.request_topic!r} ...\n")
         for label, request in plan:
             if isinstance(request, bytes):
-                value, key = request, b"account:1"
+                value, key = request, record_key("account", 1)
                 rid = f"demo-{run}-malformed"
             else:
                 value = msgspec.json.encode(request)
-                key = f"{request['entity']}:{request['id']}".encode()
+                key = record_key(request["entity"], request["id"])
                 rid = str(request["request_id"])
             what.setdefault(rid, label)
             await producer.send_and_wait(
@@ -266,7 +265,7 @@ async def run_demo(settings: Settings) -> int:
             batch = await replies.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    reply = _reply_decoder.decode(record.value)
+                    reply = decode_reply(record.value)
                     if not reply.request_id.startswith(f"demo-{run}-"):
                         continue
                     seen += 1

@@ -48,6 +48,7 @@ from processor.contract import (
     RetrieveRequest,
     RowRequest,
     UpdateRequest,
+    decode_reply,
     encode_reply,
     fault_detail,
     request_fingerprint,
@@ -87,7 +88,6 @@ __all__ = [
 #: PostgreSQL caches only 64 subtransaction ids per backend before snapshots get slow.
 MAX_ROUNDS: Final = 32
 
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 _attrs_decoder: Final = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
 _json_encoder: Final = msgspec.json.Encoder(decimal_format="number")
 
@@ -285,9 +285,7 @@ class Engine:
             previous = stored.get(rid)
             if previous is not None:
                 if previous.fingerprint == env.fingerprint:
-                    batch.outcomes[i] = _replayed(
-                        _reply_decoder.decode(previous.reply), previous.reply
-                    )
+                    batch.outcomes[i] = _replayed(decode_reply(previous.reply), previous.reply)
                 else:
                     batch.outcomes[i] = self._duplicate(env, batch.now)
                 continue

@@ -63,13 +63,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
-import msgspec
 from aiokafka import TopicPartition
 
 from processor import kafka
 from processor.client import Client
 from processor.config import SETTINGS, Secret, Settings
-from processor.contract import Reply, Request, UpdateRequest
+from processor.contract import Reply, Request, UpdateRequest, decode_reply
 from processor.errors import (
     ConcurrencyVersionMismatch,
     ConfigError,
@@ -102,7 +101,6 @@ __all__ = [
 POISON: Final = -(10**12)
 #: At most this many (time, latency) samples go to the result (and the plot's scatter).
 MAX_SAMPLES: Final = 5000
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +279,7 @@ def check_invariants(
 
 def _unexpected(values: list[bytes]) -> bool:
     for value in values:
-        fault = _reply_decoder.decode(value).fault
+        fault = decode_reply(value).fault
         if fault is not None and fault.code == UnexpectedError.code:
             return True
     return False
@@ -667,7 +665,7 @@ async def _read_replies(
                 for record in records:
                     rid = _header(record.headers)
                     if rid is None and record.value is not None:
-                        rid = _reply_decoder.decode(record.value).request_id
+                        rid = decode_reply(record.value).request_id
                     if rid in wanted and record.value is not None:
                         found.setdefault(rid, []).append(record.value)
             for tp in list(todo):
