@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiokafka.errors as errors
 import aiokafka.producer.sender as _aiokafka_sender
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
@@ -38,6 +39,8 @@ __all__ = [
     "is_transient",
     "make_consumer",
     "make_producer",
+    "offsets",
+    "read_spans",
     "transactional_id",
 ]
 
@@ -222,6 +225,78 @@ def make_producer(
         settings["retry_backoff_ms"] = TXN_RETRY_BACKOFF_MS
     settings.update(extra)
     return AIOKafkaProducer(**settings)
+
+
+#: A read that gets no record and no nearer its end for this long has stalled.
+STALL_SECONDS = 60.0
+
+
+async def read_spans(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    spans: Mapping[int, tuple[int, int]],
+    handle: Callable[[Any], None],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    stall_seconds: float = STALL_SECONDS,
+) -> None:
+    """Every record of ``topic`` in ``spans`` ([start, end) offsets per partition) to
+    ``handle``, in offset order per partition: the one way the tools read a topic to its end.
+
+    ``consumer`` is started and has no group (it is assigned the partitions). With
+    read_committed an end taken from ``end_offsets`` is the last stable offset, reached
+    through aborted records too. ``progress(done, total)`` after each batch. Raises
+    ProcessorError when ``stall_seconds`` pass without a record or a partition reaching
+    its end.
+    """
+    todo = {p: span for p, span in spans.items() if span[0] < span[1]}
+    if not todo:
+        return
+    tps = {p: TopicPartition(topic, p) for p in todo}
+    consumer.assign(list(tps.values()))
+    for p, tp in tps.items():
+        consumer.seek(tp, todo[p][0])
+    total = sum(end - start for start, end in todo.values())
+    remaining = set(todo)
+    stalled_since = time.monotonic()
+    while remaining:
+        batch = await consumer.getmany(
+            *(tps[p] for p in remaining), timeout_ms=500, max_records=5000
+        )
+        for tp, records in batch.items():
+            end = todo[tp.partition][1]
+            for record in records:
+                if record.offset >= end:
+                    break
+                handle(record)
+        moved = False
+        done = 0
+        for p in list(todo):
+            position = await consumer.position(tps[p]) if p in remaining else todo[p][1]
+            done += min(position, todo[p][1]) - todo[p][0]
+            if p in remaining and position >= todo[p][1]:
+                remaining.discard(p)
+                consumer.pause(tps[p])
+                moved = True
+        if batch or moved:
+            stalled_since = time.monotonic()
+        elif time.monotonic() - stalled_since > stall_seconds:
+            raise ProcessorError(
+                f"reading {topic} stalled: partitions {sorted(remaining)} did not reach "
+                "their end offsets"
+            )
+        if progress is not None:
+            progress(done, total)
+
+
+async def offsets(
+    consumer: AIOKafkaConsumer, topic: str, partitions: Iterable[int], *, end: bool
+) -> dict[int, int]:
+    """The first (``end=False``) or end offsets of ``topic``'s ``partitions``."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    call = consumer.end_offsets(tps) if end else consumer.beginning_offsets(tps)
+    found = await asyncio.wait_for(call, CALL_TIMEOUT)
+    return {tp.partition: offset for tp, offset in found.items()}
 
 
 def admin_client(access: KafkaAccess) -> AIOKafkaAdminClient:

@@ -67,7 +67,7 @@ from aiokafka import TopicPartition
 
 from processor import kafka
 from processor.client import Client
-from processor.config import SETTINGS, Secret, Settings
+from processor.config import Settings
 from processor.contract import Reply, Request, UpdateRequest, decode_reply
 from processor.errors import (
     ConcurrencyVersionMismatch,
@@ -79,6 +79,8 @@ from processor.errors import (
     UnexpectedError,
 )
 from processor.registry import Entity, load_registry, quote
+from processor.tools.stats import percentile, zipf_weights
+from processor.tools.workers import settings_env, wait_ready
 
 __all__ = [
     "Invariant",
@@ -154,22 +156,6 @@ class LoadOptions:
         for bad, message in problems:
             if bad:
                 raise ConfigError(message)
-
-
-def zipf_weights(rows: int, skew: float) -> list[float]:
-    """Weight of the i-th hottest row: 1/(i+1)^skew; inf = all on the first row."""
-    if math.isinf(skew):
-        return [1.0] + [0.0] * (rows - 1)
-    return [1.0 / (i + 1) ** skew for i in range(rows)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of ``values`` (sorted or not); nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def _latency_ms(values: Sequence[float]) -> dict[str, float]:
@@ -543,16 +529,6 @@ async def _reset_rows(conn: asyncpg.Connection, entity: Entity, opts: LoadOption
         )
 
 
-def _worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for s in SETTINGS:
-        value = getattr(settings, s.name)
-        if value is not None:
-            env[s.env] = value.reveal() if isinstance(value, Secret) else str(value)
-    env["PROCESSOR_METRICS_PORT"] = "0"  # N workers on one host: no port to collide on
-    return env
-
-
 class _Workers:
     """``--with-worker N``: N ``processor run`` subprocesses for the run's duration."""
 
@@ -566,7 +542,7 @@ class _Workers:
             logdir.mkdir(parents=True, exist_ok=True)
             self.logdir = logdir
         print(f"loadtest: {_n(count, 'worker')}, logs in {self.logdir}", file=sys.stderr)
-        env = _worker_env(settings)
+        env = settings_env(settings)
         for i in range(count):
             with open(self.logdir / f"worker-{i}.log", "wb") as log:
                 self.procs.append(
@@ -612,21 +588,6 @@ class _Workers:
         return {"dir": str(self.logdir), "kept": True}
 
 
-async def _wait_ready(client: Client, entity: Entity, row: int, limit: float) -> None:
-    """Until the worker group answers (a fresh group takes a few seconds to assign)."""
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            await client.retrieve(entity.name, row, timeout=min(5.0, limit))
-            return
-        except ReplyTimeout:
-            if time.monotonic() > deadline:
-                raise ProcessorError(
-                    f"no worker answered within {limit:g} s: is a worker group running on "
-                    f"{client.request_topic!r}? (or use --with-worker N)"
-                ) from None
-
-
 async def _stale_versions(client: Client, entity: Entity, rows: Sequence[int]) -> dict[int, str]:
     gate = asyncio.Semaphore(64)
 
@@ -648,31 +609,24 @@ async def _read_replies(
     """The run's replies on the reply topic (read_committed), by request_id."""
     assert settings.kafka_bootstrap_servers is not None
     found: dict[str, list[bytes]] = {}
+
+    def keep(record: Any) -> None:
+        rid = _header(record.headers)
+        if rid is None and record.value is not None:
+            rid = decode_reply(record.value).request_id
+        if rid in wanted and record.value is not None:
+            found.setdefault(rid, []).append(record.value)
+
+    firsts: dict[str, dict[int, int]] = {}
+    for tp, offset in start.items():
+        firsts.setdefault(tp.topic, {})[tp.partition] = offset
     consumer = kafka.make_consumer(settings.kafka_access(), None)
     await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
     try:
-        consumer.assign(list(start))
-        end: dict[TopicPartition, int] = await asyncio.wait_for(
-            consumer.end_offsets(list(start)), kafka.CALL_TIMEOUT
-        )
-        for tp in end:
-            consumer.seek(tp, start.get(tp, 0))
-        deadline = time.monotonic() + 120
-        todo = {tp for tp in end if end[tp] > start.get(tp, 0)}
-        while todo and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    rid = _header(record.headers)
-                    if rid is None and record.value is not None:
-                        rid = decode_reply(record.value).request_id
-                    if rid in wanted and record.value is not None:
-                        found.setdefault(rid, []).append(record.value)
-            for tp in list(todo):
-                if await consumer.position(tp) >= end[tp]:
-                    todo.discard(tp)
-        if todo:
-            raise ProcessorError(f"could not read the reply topic to its end: {sorted(todo)}")
+        for topic, first in firsts.items():
+            end = await kafka.offsets(consumer, topic, first, end=True)
+            spans = {p: (first[p], end[p]) for p in first}
+            await kafka.read_spans(consumer, topic, spans, keep, stall_seconds=120)
     finally:
         await consumer.stop()
     return found
@@ -788,7 +742,9 @@ async def _run(
     )
     run: _Run | None = None
     async with client:
-        await _wait_ready(client, entity, opts.first_id, opts.ready_timeout)
+        await wait_ready(
+            client, entity.name, opts.first_id, opts.ready_timeout, hint=" (or use --with-worker N)"
+        )
         counter_ids = range(opts.first_id, opts.first_id + opts.rows)
         stale = await _stale_versions(client, entity, counter_ids)
         conn = await asyncpg.connect(settings.database_url, timeout=30)
@@ -968,7 +924,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{resent:,} resent), {result['replies']:,} replies received",
         f"throughput: {t['ops_per_s']:,.1f} operations/s, {t['requests_per_s']:,.1f} "
         f"requests/s, {t['increments_per_s']:,.1f} increments/s",
-        f"latency (ms)  {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}",
+        f"latency (ms)  {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}  (nearest-rank percentiles)",
     ]
     for name in ("op", "request", "increment", "delete", "stale"):
         if lat.get(name):
