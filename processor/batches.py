@@ -46,18 +46,9 @@ from processor.contract import (
     encode_reply,
     fault_detail,
 )
-from processor.db import Connection
-from processor.engine import (
-    Engine,
-    Envelope,
-    Outcome,
-    _Batch,
-    _DataError,
-    _Job,
-    _rounds,
-    _shown,
-    is_transient,
-)
+from processor.db import Connection, is_transient
+from processor.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
+from processor.envelope import Envelope, Outcome
 from processor.errors import (
     FAULT_TYPES,
     DuplicateRequest,

@@ -12,8 +12,6 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiokafka.errors as errors
@@ -22,11 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
 
 from processor import kip447
-from processor.config import Secret, kafka_security_problem
 from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
+from processor.kafka_access import KafkaAccess, Secret, ssl_reason
 
 __all__ = [
     "KafkaAccess",
@@ -81,111 +78,6 @@ def transactional_id(group_id: str, worker_id: str) -> str:
     """One id per worker, the same across its restarts: a restart aborts its own open
     transaction at once (InitProducerId) instead of leaving it to the timeout."""
     return f"{group_id}-{worker_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaAccess:
-    """How to reach the brokers: the bootstrap list and the security options.
-
-    ``KafkaAccess("broker:9092")`` is plaintext. TLS (``SSL``, ``SASL_SSL``) always verifies
-    the broker's certificate and host name, against ``ssl_cafile`` or the system's CAs;
-    ``ssl_certfile`` (+ ``ssl_keyfile``, ``ssl_key_password``) adds a client certificate.
-    SASL needs ``sasl_mechanism``, ``sasl_username`` and ``sasl_password``. A bad
-    combination or an unreadable file raises :class:`ConfigError` naming the setting's
-    environment variable. Passwords are :class:`Secret`: never in ``repr()``.
-    Build it from the settings with :meth:`processor.config.Settings.kafka_access`.
-    """
-
-    bootstrap: str
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: Secret | None = None
-    #: Built once from the ssl_* files (TLS protocols only); shared by every client.
-    ssl_context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.bootstrap.strip():
-            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is empty")
-        problem = kafka_security_problem(
-            self.security_protocol,
-            sasl_mechanism=self.sasl_mechanism,
-            sasl_username=self.sasl_username,
-            sasl_password=self.sasl_password,
-            ssl_cafile=self.ssl_cafile,
-            ssl_certfile=self.ssl_certfile,
-            ssl_keyfile=self.ssl_keyfile,
-            ssl_key_password_file=self.ssl_key_password,
-        )
-        if problem is not None:
-            raise ConfigError(problem)
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            object.__setattr__(self, "ssl_context", self._tls_context())
-
-    def _tls_context(self) -> ssl.SSLContext:
-        cafile = str(self.ssl_cafile) if self.ssl_cafile is not None else None
-        try:  # check_hostname and CERT_REQUIRED: on, and not configurable
-            context: ssl.SSLContext = create_ssl_context(cafile=cafile)
-        except OSError as exc:
-            raise ConfigError(
-                f"KAFKA_SSL_CAFILE={cafile!r}: cannot load CA certificates from it "
-                f"({_reason(exc)}; PEM expected)"
-            ) from None
-        if self.ssl_certfile is None:
-            return context
-        key_password = self.ssl_key_password
-
-        def password() -> str:
-            if key_password is None:
-                raise ConfigError(
-                    "the client key is encrypted: set KAFKA_SSL_KEY_PASSWORD_FILE "
-                    f"(KAFKA_SSL_KEYFILE={str(self.ssl_keyfile or self.ssl_certfile)!r})"
-                )
-            return key_password.reveal()
-
-        try:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=password)
-        except OSError as exc:
-            raise ConfigError(
-                f"KAFKA_SSL_CERTFILE={str(self.ssl_certfile)!r}, KAFKA_SSL_KEYFILE="
-                f"{str(self.ssl_keyfile or self.ssl_certfile)!r}: cannot load the client "
-                f"certificate and key ({_reason(exc)}): not PEM, a key of another "
-                "certificate, or a wrong KAFKA_SSL_KEY_PASSWORD_FILE?"
-            ) from None
-        return context
-
-    @property
-    def uses_sasl(self) -> bool:
-        return self.security_protocol.startswith("SASL_")
-
-    def connection_options(self) -> dict[str, Any]:
-        """aiokafka's security keyword arguments (no bootstrap): for clients and connections.
-
-        The only place a password is revealed: handed to aiokafka, never logged.
-        """
-        options: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.ssl_context is not None:
-            options["ssl_context"] = self.ssl_context
-        if self.uses_sasl:
-            assert self.sasl_password is not None
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = self.sasl_password.reveal()
-        return options
-
-    def client_options(self) -> dict[str, Any]:
-        """aiokafka's keyword arguments for a producer, consumer or admin client."""
-        return {"bootstrap_servers": self.bootstrap, **self.connection_options()}
-
-
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or exc)
-    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
@@ -408,7 +300,7 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
         )
     except ssl.SSLError as exc:
         return ConfigError(
-            f"TLS handshake with Kafka at {where} failed ({_reason(exc)}): "
+            f"TLS handshake with Kafka at {where} failed ({ssl_reason(exc)}): "
             f"is it a TLS listener ({protocol})? Does it require a client certificate "
             "(KAFKA_SSL_CERTFILE)?"
         )
@@ -422,7 +314,7 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
     except TimeoutError:
         return ServiceUnreachable(f"Kafka at {where} did not answer in time ({protocol})")
     except OSError as exc:
-        return ServiceUnreachable(f"cannot connect to Kafka at {where}: {_reason(exc)}")
+        return ServiceUnreachable(f"cannot connect to Kafka at {where}: {ssl_reason(exc)}")
     except errors.KafkaError as exc:
         return ServiceUnreachable(f"Kafka at {where}: {_broker_message(exc)}")
     conn.close()

@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from processor.contract import Reply, decode_reply
-from processor.engine import Envelope
+from processor.envelope import Envelope
 from processor.errors import FAULT_TYPES, ConfigError
 from processor.intake import Message, admit
 

@@ -48,7 +48,7 @@ from processor.contract import (
     request_fingerprint,
     request_key,
 )
-from processor.engine import Envelope, Outcome, Source
+from processor.envelope import Envelope, Outcome, Source
 from processor.errors import FAULT_TYPES, InvalidArgument, RequestTooLarge
 from processor.intake import (
     DEAD_LETTER_PREFIX,

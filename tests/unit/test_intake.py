@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from processor.contract import DeadLetter, Reply
-from processor.engine import Envelope, Outcome
+from processor.envelope import Envelope, Outcome
 from processor.errors import MAX_FAULT_MESSAGE, bounded
 from processor.intake import DEAD_LETTER_PREFIX, Rejected, admit, outcome_records, rejected_records
 from tests.support import Msg

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.contract import Reply, encode_reply
-from processor.engine import Envelope, Outcome
+from processor.envelope import Envelope, Outcome
 from processor.errors import InvalidArgument
 from processor.intake import Rejected, admit, outcome_records, rejected_records
 from processor.reply_routes import check_routes
