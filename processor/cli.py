@@ -176,12 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = command(
         "demo",
         "demo tables and registry, a worker, a mix of requests and their replies",
-        "Create the demo tables (ops/demo/schema.sql: demo.account, demo.item, demo.note, "
-        "demo.counter), the ledger and the topics; start a worker in this process; send "
-        "successes, every concurrency fault, a race, a malformed message and a resend; print "
-        "each reply. Exit 0 when every reply came, 1 if one did not. The registry is "
-        "ops/demo/entities.toml unless PROCESSOR_ENTITIES names another (its schema.sql must "
-        "sit next to it).",
+        "Create the demo tables (demo.account, demo.item, demo.note, demo.counter: "
+        "processor/tools/demo_data/schema.sql, package data), the ledger and the topics; "
+        "start a worker in this process; send successes, every concurrency fault, a race, a "
+        "malformed message and a resend; print each reply. Exit 0 when every reply came, 1 if "
+        "one did not. The registry is processor/tools/demo_data/entities.toml unless "
+        "PROCESSOR_ENTITIES names another (its schema.sql must sit next to it).",
     )
     demo.add_argument(
         "--setup-only",
