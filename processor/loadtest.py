@@ -80,6 +80,7 @@ from processor.errors import (
 )
 from processor.registry import Entity, load_registry, quote
 from processor.tools.stats import percentile, zipf_weights
+from processor.tools.text import counted as _n
 from processor.tools.workers import settings_env, wait_ready
 
 __all__ = [
@@ -683,10 +684,6 @@ def _ms(value: Any) -> str:
 
 def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
 # --- the run ------------------------------------------------------------------------------

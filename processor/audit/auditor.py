@@ -20,7 +20,6 @@ from processor.audit.model import (
     LedgerFacts,
     ReplyCopy,
     RequestRecord,
-    _n,
     fault_name,
     loc,
 )
@@ -32,6 +31,7 @@ from processor.errors import (
     RequestTooLarge,
     UnexpectedError,
 )
+from processor.tools.text import counted as _n
 
 _DUPLICATE: Final = DuplicateRequest.code
 _UNEXPECTED: Final = UnexpectedError.code

@@ -133,15 +133,6 @@ class Anomaly:
         return out
 
 
-def _n(count: int, word: str, plural: str | None = None) -> str:
-    """``1 reply``, ``2 replies``: a count with its noun."""
-    if count == 1:
-        return f"{count:,} {word}"
-    if plural is None:
-        plural = word[:-1] + "ies" if word.endswith("y") and word[-2:] != "ey" else word + "s"
-    return f"{count:,} {plural}"
-
-
 # -- what the audit keeps of each record --------------------------------------------------
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import msgspec
 
-from processor.audit.model import ANOMALIES, _n
+from processor.audit.model import ANOMALIES
+from processor.tools.text import counted as _n
 
 
 @dataclass(slots=True)

@@ -17,12 +17,12 @@ from processor.audit.model import (
     AuditOptions,
     Progress,
     RequestRecord,
-    _n,
     read_reply,
     read_request,
 )
 from processor.config import Settings
 from processor.errors import ConfigError
+from processor.tools.text import counted as _n
 
 
 async def call(awaitable: Any) -> Any:
