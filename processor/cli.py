@@ -251,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         help="send the request as given, unchecked, to see the workers' own fault reply "
         "(a request_id is still added to a JSON object without one)",
     )
-    from processor.loadtest import add_arguments as loadtest_arguments
+    from processor.tools.loadtest import add_arguments as loadtest_arguments
 
     loadtest_arguments(
         command(
@@ -496,7 +496,7 @@ async def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
-    from processor.loadtest import run_from_args
+    from processor.tools.loadtest import run_from_args
 
     return await run_from_args(settings, args)
 
