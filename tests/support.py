@@ -152,6 +152,17 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -
         await asyncio.sleep(0.02)
 
 
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of ``GET path`` on 127.0.0.1:``port`` (HTTP/1.0: the body to the end)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
