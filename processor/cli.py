@@ -125,6 +125,8 @@ def _settings_parent() -> argparse.ArgumentParser:
     return parent
 
 
+# Long on purpose (~150 lines): the declaration of every command and flag, one after the
+# other as `processor --help` lists them; no logic.
 def _parser() -> argparse.ArgumentParser:
     settings = _settings_parent()
     parser = argparse.ArgumentParser(

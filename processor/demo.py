@@ -57,6 +57,8 @@ async def install_demo(settings: Settings) -> Path:
     return registry
 
 
+# Long on purpose (~150 lines): a table of the demo's requests in the order they are sent,
+# each with what it shows; splitting it would scatter the script a reader follows.
 def _requests(run: str, versions: dict[str, str]) -> list[tuple[str, dict[str, Any] | bytes]]:
     """(what it shows, request) pairs; request ids are unique per demo run."""
 
