@@ -8,11 +8,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+# the runtime dependencies at the lock's versions and hashes (ops/lock writes it)
+COPY requirements/runtime.txt ./requirements/runtime.txt
+# also the demo's registry and schema (PROCESSOR_ENTITIES=/app/processor/tools/demo_data/
+# entities.toml): package data
 COPY processor ./processor
-RUN pip install . \
+RUN pip install --require-hashes -r requirements/runtime.txt \
+    && pip install --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --no-create-home processor
-# the demo's entity registry (PROCESSOR_ENTITIES=/app/ops/demo/entities.toml) and schema
-COPY ops/demo ./ops/demo
 
 USER processor
 EXPOSE 9108

@@ -76,6 +76,10 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from processor.names import is_identifier
+from processor.tools.procs import children, proc_stat
+from processor.tools.stats import percentile
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 CONTENDERS: Final = ROOT / "ops" / "bench_contenders.py"
 MISMATCH: Final = -2147088254  # ConcurrencyVersionMismatch
@@ -221,9 +225,8 @@ class Plan:
 
 def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
     """CPU seconds (user + system) of a live process; 0.0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if fields is None:
         return 0.0
     ticks = int(fields[11]) + int(fields[12])
     if reaped_children:
@@ -231,24 +234,11 @@ def proc_cpu(pid: int, *, reaped_children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def tree_cpu(pid: int | None) -> float:
     """CPU of a server and all its children, dead (reaped) or alive: PostgreSQL's backends."""
     if pid is None:
         return 0.0
-    return proc_cpu(pid, reaped_children=True) + sum(proc_cpu(c) for c in children_of(pid))
+    return proc_cpu(pid, reaped_children=True) + sum(proc_cpu(c) for c in children(pid))
 
 
 def peak_rss(pid: int) -> int:
@@ -353,7 +343,7 @@ def bench_dsn(database_url: str, name: str | None = None) -> tuple[str, str]:
     """(URL of the bench database, its name): the same server, database ``<name>_bench``."""
     parts = urlsplit(database_url)
     name = name or (parts.path.lstrip("/") or "postgres") + "_bench"
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+    if not is_identifier(name):
         raise SystemExit(f"bench: database name {name!r} is not a plain identifier")
     return urlunsplit(parts._replace(path="/" + name)), name
 
@@ -1057,13 +1047,6 @@ def logged_transactions(logs: Sequence[str], since: float | None = None) -> int:
     return count
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 async def load(
     env: Env,
     c: Contender,
@@ -1139,8 +1122,8 @@ async def load(
         await producer.stop()
     lat = collector.latencies
     if lat:
-        result.p50_ms = percentile(lat, 0.50) * 1000
-        result.p99_ms = percentile(lat, 0.99) * 1000
+        result.p50_ms = percentile(lat, 50) * 1000
+        result.p99_ms = percentile(lat, 99) * 1000
         result.max_ms = max(lat) * 1000
     if collector.received_at:
         span = max(collector.received_at) - t0
@@ -1211,8 +1194,8 @@ async def idle(env: Env, c: Contender, workload: Workload, count: int) -> Result
         await producer.stop()
     lat = collector.latencies
     if lat:
-        result.p50_ms = percentile(lat, 0.50) * 1000
-        result.p99_ms = percentile(lat, 0.99) * 1000
+        result.p50_ms = percentile(lat, 50) * 1000
+        result.p99_ms = percentile(lat, 99) * 1000
         result.max_ms = max(lat) * 1000
         result.throughput = len(lat) / max(result.seconds, 1e-9)
     costs(env, result, start, end, count)

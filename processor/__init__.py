@@ -24,7 +24,8 @@ from processor.contract import (
     decode_request,
     encode_reply,
 )
-from processor.engine import Engine, Envelope, Outcome, Source
+from processor.engine import Engine
+from processor.envelope import Envelope, Outcome, Source
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,

@@ -42,21 +42,13 @@ from processor.contract import (
     ExecuteTransactionRequest,
     Reply,
     RetrieveEntityRequest,
+    decode_reply,
     encode_reply,
     fault_detail,
 )
-from processor.db import Connection
-from processor.engine import (
-    Engine,
-    Envelope,
-    Outcome,
-    _Batch,
-    _DataError,
-    _Job,
-    _rounds,
-    _shown,
-    is_transient,
-)
+from processor.db import Connection, is_transient
+from processor.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
+from processor.envelope import Envelope, Outcome
 from processor.errors import (
     FAULT_TYPES,
     DuplicateRequest,
@@ -75,8 +67,6 @@ __all__ = ["MAX_REPLY_BYTES", "process_mixed"]
 #: Largest reply an execute request may get: Kafka refuses records over ~1 MB by default,
 #: and a reply that cannot be published would hold its partition forever.
 MAX_REPLY_BYTES: Final = 900_000
-
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 
 
 class _Rollback(Exception):
@@ -123,7 +113,7 @@ async def _process_one(engine: Engine, conn: Connection, env: Envelope) -> Outco
         previous = stored.get(req.request_id)
         if previous is not None:
             if previous.fingerprint == env.fingerprint:
-                return _replayed(_reply_decoder.decode(previous.reply), previous.reply)
+                return _replayed(decode_reply(previous.reply), previous.reply)
             fault: Fault = DuplicateRequest(
                 f"request_id {_shown(req.request_id)} was already used for a different request"
             )

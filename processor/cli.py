@@ -20,7 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from processor.config import SETTINGS, Settings
-from processor.contract import Reply, Request, decode_request, encode_reply
+from processor.contract import Reply, Request, decode_request, encode_reply, record_key
 from processor.errors import ConfigError, Fault, ProcessorError, ServiceUnreachable
 
 __all__ = [
@@ -125,6 +125,8 @@ def _settings_parent() -> argparse.ArgumentParser:
     return parent
 
 
+# Long on purpose (~150 lines): the declaration of every command and flag, one after the
+# other as `processor --help` lists them; no logic.
 def _parser() -> argparse.ArgumentParser:
     settings = _settings_parent()
     parser = argparse.ArgumentParser(
@@ -176,12 +178,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = command(
         "demo",
         "demo tables and registry, a worker, a mix of requests and their replies",
-        "Create the demo tables (ops/demo/schema.sql: demo.account, demo.item, demo.note, "
-        "demo.counter), the ledger and the topics; start a worker in this process; send "
-        "successes, every concurrency fault, a race, a malformed message and a resend; print "
-        "each reply. Exit 0 when every reply came, 1 if one did not. The registry is "
-        "ops/demo/entities.toml unless PROCESSOR_ENTITIES names another (its schema.sql must "
-        "sit next to it).",
+        "Create the demo tables (demo.account, demo.item, demo.note, demo.counter: "
+        "processor/tools/demo_data/schema.sql, package data), the ledger and the topics; "
+        "start a worker in this process; send successes, every concurrency fault, a race, a "
+        "malformed message and a resend; print each reply. Exit 0 when every reply came, 1 if "
+        "one did not. The registry is processor/tools/demo_data/entities.toml unless "
+        "PROCESSOR_ENTITIES names another (its schema.sql must sit next to it).",
     )
     demo.add_argument(
         "--setup-only",
@@ -251,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         help="send the request as given, unchecked, to see the workers' own fault reply "
         "(a request_id is still added to a JSON object without one)",
     )
-    from processor.loadtest import add_arguments as loadtest_arguments
+    from processor.tools.loadtest import add_arguments as loadtest_arguments
 
     loadtest_arguments(
         command(
@@ -453,9 +455,7 @@ def _as_given(raw: str, reply_topic: str) -> tuple[bytes, str, bytes | None]:
         request_id = uuid.uuid4().hex  # the header's; the body's cannot be read
     reply_to = fields.get("reply_to")
     _check_reply_to(reply_to if isinstance(reply_to, str) else None, reply_topic)
-    entity, key_id = fields.get("entity"), fields.get("id")
-    key = f"{entity}:{key_id}".encode() if isinstance(entity, str) and key_id is not None else None
-    return value, request_id, key
+    return value, request_id, record_key(fields.get("entity"), fields.get("id"))
 
 
 def _check_reply_to(reply_to: str | None, reply_topic: str) -> None:
@@ -503,7 +503,7 @@ async def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
-    from processor.loadtest import run_from_args
+    from processor.tools.loadtest import run_from_args
 
     return await run_from_args(settings, args)
 

@@ -68,6 +68,7 @@ from processor.contract import (
     RetrieveRequest,
     RowRequest,
     UpdateRequest,
+    decode_reply,
     request_key,
 )
 from processor.errors import (
@@ -91,7 +92,6 @@ __all__ = ["Client", "Observer", "fault_of", "new_request_id", "raise_for_fault"
 Observer: TypeAlias = Callable[[Request, Reply | None, float], None]
 
 log = get_logger("processor.client")
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -661,7 +661,7 @@ class Client:
         if value is None:
             return
         try:
-            reply = _reply_decoder.decode(value)
+            reply = decode_reply(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         for future in self._pending.pop(reply.request_id, ()):

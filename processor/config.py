@@ -13,13 +13,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from processor.errors import ConfigError
-
-if TYPE_CHECKING:
-    from processor.kafka import KafkaAccess
+from processor.kafka_access import (
+    KAFKA_SECURITY_VARS,
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    KafkaAccess,
+    Secret,
+    kafka_security_problem,
+    read_secret_file,
+)
 
 __all__ = ["ENV_VARS", "SETTINGS", "Secret", "Setting", "Settings"]
 
@@ -110,38 +116,7 @@ def _url(value: str) -> str:
     return value
 
 
-# --- Kafka security (SASL, TLS) ------------------------------------------------------------
-
-#: KAFKA_SECURITY_PROTOCOL values (aiokafka's ``security_protocol``).
-SECURITY_PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-#: KAFKA_SASL_MECHANISM values. SCRAM: the password itself never crosses the wire.
-SASL_MECHANISMS: Final = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
-#: The optional Kafka security options, by the env var that sets each.
-_KAFKA_SECURITY_VARS: Final = {
-    "sasl_mechanism": "KAFKA_SASL_MECHANISM",
-    "sasl_username": "KAFKA_SASL_USERNAME",
-    "sasl_password_file": "KAFKA_SASL_PASSWORD_FILE",
-    "sasl_password": "KAFKA_SASL_PASSWORD",
-    "ssl_cafile": "KAFKA_SSL_CAFILE",
-    "ssl_certfile": "KAFKA_SSL_CERTFILE",
-    "ssl_keyfile": "KAFKA_SSL_KEYFILE",
-    "ssl_key_password_file": "KAFKA_SSL_KEY_PASSWORD_FILE",
-}
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Secret:
-    """A password: ``repr()`` and ``str()`` show ``***``; :meth:`reveal` gives the value."""
-
-    _value: str
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
+# --- Kafka security (SASL, TLS): the options and their checks are processor/kafka_access.py's
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
@@ -158,62 +133,6 @@ def _file(value: str) -> Path:
     if not path.is_file():
         raise ValueError("not a regular file" if path.exists() else "no such file")
     return path
-
-
-def read_secret_file(path: Path, env: str) -> Secret:
-    """The secret in ``path`` (one trailing newline dropped); errors name ``env``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{env}={str(path)!r}: cannot read it ({reason})") from None
-    value = text.removesuffix("\n").removesuffix("\r")
-    if not value:
-        raise ConfigError(f"{env}={str(path)!r}: the file is empty")
-    return Secret(value)
-
-
-def kafka_security_problem(protocol: str, **options: object) -> str | None:
-    """What is wrong with a combination of Kafka security options, naming the env vars.
-
-    ``options`` are the keys of ``_KAFKA_SECURITY_VARS``; None means not given.
-    """
-    if protocol not in SECURITY_PROTOCOLS:
-        known = ", ".join(SECURITY_PROTOCOLS)
-        return f"KAFKA_SECURITY_PROTOCOL={protocol!r}: must be one of {known}"
-    given = {_KAFKA_SECURITY_VARS[name] for name, value in options.items() if value is not None}
-    sasl = protocol.startswith("SASL_")
-    tls = protocol in ("SSL", "SASL_SSL")
-    for needs, applies, what in ((sasl, "KAFKA_SASL_", "SASL"), (tls, "KAFKA_SSL_", "TLS")):
-        stray = sorted(v for v in given if v.startswith(applies))
-        if stray and not needs:
-            return (
-                f"{', '.join(stray)} set, but KAFKA_SECURITY_PROTOCOL={protocol} uses no {what}: "
-                f"set KAFKA_SECURITY_PROTOCOL (SSL, SASL_SSL or SASL_PLAINTEXT) or unset them"
-            )
-    mechanism = options.get("sasl_mechanism")
-    if mechanism is not None and mechanism not in SASL_MECHANISMS:
-        return f"KAFKA_SASL_MECHANISM={mechanism!r}: must be one of {', '.join(SASL_MECHANISMS)}"
-    if sasl:
-        if "KAFKA_SASL_MECHANISM" not in given:
-            return (
-                f"KAFKA_SASL_MECHANISM is required with KAFKA_SECURITY_PROTOCOL={protocol}: "
-                f"one of {', '.join(SASL_MECHANISMS)}"
-            )
-        if "KAFKA_SASL_USERNAME" not in given:
-            return f"KAFKA_SASL_USERNAME is required with KAFKA_SECURITY_PROTOCOL={protocol}"
-        passwords = {"KAFKA_SASL_PASSWORD_FILE", "KAFKA_SASL_PASSWORD"} & given
-        if not passwords:
-            return (
-                "KAFKA_SASL_PASSWORD_FILE (preferred) or KAFKA_SASL_PASSWORD is required with "
-                f"KAFKA_SECURITY_PROTOCOL={protocol}"
-            )
-        if len(passwords) > 1:
-            return "set KAFKA_SASL_PASSWORD_FILE (preferred) or KAFKA_SASL_PASSWORD, not both"
-    for var in ("KAFKA_SSL_KEYFILE", "KAFKA_SSL_KEY_PASSWORD_FILE"):
-        if var in given and "KAFKA_SSL_CERTFILE" not in given:
-            return f"{var} needs KAFKA_SSL_CERTFILE (the client certificate)"
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +357,7 @@ class Settings:
     def _kafka_security_problem(self) -> str | None:
         return kafka_security_problem(
             self.kafka_security_protocol,
-            **{name: getattr(self, f"kafka_{name}") for name in _KAFKA_SECURITY_VARS},
+            **{name: getattr(self, f"kafka_{name}") for name in KAFKA_SECURITY_VARS},
         )
 
     def kafka_access(self) -> KafkaAccess:
@@ -446,8 +365,6 @@ class Settings:
 
         Reads the password files (a :class:`ConfigError` names the variable).
         """
-        from processor.kafka import KafkaAccess
-
         self.require("kafka_bootstrap_servers")
         assert self.kafka_bootstrap_servers is not None
         password = self.kafka_sasl_password

@@ -41,9 +41,11 @@ __all__ = [
     "RowRequest",
     "UpdateRequest",
     "behavior_name",
+    "decode_reply",
     "decode_request",
     "encode_reply",
     "fault_detail",
+    "record_key",
     "request_fingerprint",
     "request_key",
     "salvage",
@@ -253,7 +255,20 @@ def request_key(request: Request) -> bytes:
         request = request.requests[0]
     if isinstance(request, RetrieveEntityRequest):
         return f"{request.entity}:*".encode()
-    return f"{request.entity}:{request.id}".encode()
+    key = record_key(request.entity, request.id)
+    assert key is not None  # a decoded request always names its entity and id
+    return key
+
+
+def record_key(entity: object, record_id: object) -> bytes | None:
+    """``<entity>:<id>``, the Kafka key of one row's requests (also for raw JSON objects).
+
+    None, no key (the partitioner spreads the record), when the entity is not a non-empty
+    string or the id is missing: the one fallback for every producer of requests.
+    """
+    if not isinstance(entity, str) or not entity or record_id is None:
+        return None
+    return f"{entity}:{record_id}".encode()
 
 
 class FaultDetail(Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -534,6 +549,14 @@ def salvage(data: bytes) -> Salvage:
 
 def encode_reply(reply: Reply) -> bytes:
     return _encoder.encode(reply)
+
+
+_reply_decoder: Final = msgspec.json.Decoder(Reply)
+
+
+def decode_reply(data: bytes) -> Reply:
+    """A reply's bytes as a :class:`Reply`; raises msgspec's DecodeError or ValidationError."""
+    return _reply_decoder.decode(data)
 
 
 def request_fingerprint(request: Request) -> bytes:

@@ -25,7 +25,6 @@ whole batch, which is safe because nothing of it committed.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -46,13 +45,13 @@ from processor.contract import (
     Reply,
     Request,
     RetrieveRequest,
-    RowRequest,
     UpdateRequest,
+    decode_reply,
     encode_reply,
     fault_detail,
-    request_fingerprint,
 )
-from processor.db import Connection
+from processor.db import Connection, is_data_error, is_transient
+from processor.envelope import Envelope, Outcome, Source
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,
@@ -87,82 +86,8 @@ __all__ = [
 #: PostgreSQL caches only 64 subtransaction ids per backend before snapshots get slow.
 MAX_ROUNDS: Final = 32
 
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 _attrs_decoder: Final = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal)
 _json_encoder: Final = msgspec.json.Encoder(decimal_format="number")
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where a request was read from (recorded in the ledger for audits)."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A decoded request with its canonical fingerprint and its source."""
-
-    request: Request
-    fingerprint: bytes
-    source: Source | None = None
-
-    @classmethod
-    def of(cls, request: Request, source: Source | None = None) -> Envelope:
-        return cls(request, request_fingerprint(request), source)
-
-    @property
-    def row(self) -> RowRequest:
-        """The request, one of the engine's own (update, delete, retrieve)."""
-        assert isinstance(self.request, ROW_REQUEST_TYPES)
-        return self.request
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one request: the reply (and its exact bytes) and what it did."""
-
-    reply: Reply
-    data: bytes
-    replayed: bool = False  # the stored reply of an earlier delivery: nothing was applied now
-    applied: bool = False  # a row was written or deleted by this delivery
-    dead_letter: bool = False  # bad input: the message also goes to the dead-letter topic
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures a retry of the whole transaction can cure."""
-    if isinstance(exc, TransientError | asyncio.TimeoutError | OSError):
-        return True
-    if isinstance(
-        exc,
-        asyncpg.InterfaceError
-        | asyncpg.InternalClientError  # a connection left mid-operation ("cannot switch to state")
-        | asyncpg.InvalidCachedStatementError
-        | asyncpg.exceptions.PostgresConnectionError,
-    ):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        # 40 serialization/deadlock, 08 connection, 53 resources, 58 system errors,
-        # 57 shutdown/cancel (57014 query_canceled: statement_timeout), 55P03
-        # lock_not_available (lock_timeout), 25P03 idle_in_transaction_session_timeout,
-        # 25P04 transaction_timeout: the worker's timeouts retry the batch.
-        return state[:2] in {"40", "08", "53", "57", "58"} or state in {
-            "55P03",
-            "25P03",
-            "25P04",
-        }
-    return False
-
-
-def _is_data_error(exc: BaseException) -> bool:
-    """A value was rejected (class 22 data exception, 23 integrity, 42804 type mismatch)."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        return state[:2] in {"22", "23"} or state == "42804"
-    return False
 
 
 def _shown(value: object, limit: int = 64) -> str:
@@ -285,9 +210,7 @@ class Engine:
             previous = stored.get(rid)
             if previous is not None:
                 if previous.fingerprint == env.fingerprint:
-                    batch.outcomes[i] = _replayed(
-                        _reply_decoder.decode(previous.reply), previous.reply
-                    )
+                    batch.outcomes[i] = _replayed(decode_reply(previous.reply), previous.reply)
                 else:
                     batch.outcomes[i] = self._duplicate(env, batch.now)
                 continue
@@ -407,7 +330,7 @@ class Engine:
         try:
             await self._check_and_apply(conn, jobs, batch)
         except asyncpg.PostgresError as exc:
-            if _is_data_error(exc):
+            if is_data_error(exc):
                 raise _DataError() from exc
             if is_transient(exc):
                 raise
@@ -424,7 +347,7 @@ class Engine:
             del batch.entries[mark:]
             message = (exc.message if hasattr(exc, "message") else str(exc))[:300]
             fault: Fault
-            if _is_data_error(exc):
+            if is_data_error(exc):
                 fault = InvalidArgument(f"the database rejected a value: {message}")
                 column = getattr(exc, "column_name", None)
                 if isinstance(column, str):

@@ -29,7 +29,6 @@ role name passes the same allowlist, and the database name is quoted by the serv
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from typing import Final
@@ -38,6 +37,7 @@ from processor.config import Settings
 from processor.db import Connection, connect
 from processor.errors import ConfigError, ProcessorError
 from processor.ledger import Ledger
+from processor.names import is_identifier
 from processor.registry import Registry, load_registry, quote
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "statements",
 ]
 
-_ROLE_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _RESERVED_ROLES: Final = frozenset(
     {"public", "none", "current_user", "session_user", "current_role"}
 )
@@ -63,7 +62,7 @@ _TABLE_PRIVILEGES: Final[tuple[str, ...]] = (
 
 def check_role_name(name: str) -> str:
     """The role name, if it is a plain identifier that is not reserved; else ConfigError."""
-    if not _ROLE_RE.fullmatch(name):
+    if not is_identifier(name):
         raise ConfigError(
             f"--role {name[:80]!r}: not a plain lowercase identifier of at most 63 bytes "
             "(letters a-z, digits, '_', not starting with a digit)"

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiokafka.errors as errors
 import aiokafka.producer.sender as _aiokafka_sender
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
 
 from processor import kip447
-from processor.config import Secret, kafka_security_problem
 from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
+from processor.kafka_access import KafkaAccess, Secret, ssl_reason
 
 __all__ = [
     "KafkaAccess",
@@ -38,6 +36,8 @@ __all__ = [
     "is_transient",
     "make_consumer",
     "make_producer",
+    "offsets",
+    "read_spans",
     "transactional_id",
 ]
 
@@ -80,111 +80,6 @@ def transactional_id(group_id: str, worker_id: str) -> str:
     return f"{group_id}-{worker_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class KafkaAccess:
-    """How to reach the brokers: the bootstrap list and the security options.
-
-    ``KafkaAccess("broker:9092")`` is plaintext. TLS (``SSL``, ``SASL_SSL``) always verifies
-    the broker's certificate and host name, against ``ssl_cafile`` or the system's CAs;
-    ``ssl_certfile`` (+ ``ssl_keyfile``, ``ssl_key_password``) adds a client certificate.
-    SASL needs ``sasl_mechanism``, ``sasl_username`` and ``sasl_password``. A bad
-    combination or an unreadable file raises :class:`ConfigError` naming the setting's
-    environment variable. Passwords are :class:`Secret`: never in ``repr()``.
-    Build it from the settings with :meth:`processor.config.Settings.kafka_access`.
-    """
-
-    bootstrap: str
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: Secret | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: Secret | None = None
-    #: Built once from the ssl_* files (TLS protocols only); shared by every client.
-    ssl_context: ssl.SSLContext | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.bootstrap.strip():
-            raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is empty")
-        problem = kafka_security_problem(
-            self.security_protocol,
-            sasl_mechanism=self.sasl_mechanism,
-            sasl_username=self.sasl_username,
-            sasl_password=self.sasl_password,
-            ssl_cafile=self.ssl_cafile,
-            ssl_certfile=self.ssl_certfile,
-            ssl_keyfile=self.ssl_keyfile,
-            ssl_key_password_file=self.ssl_key_password,
-        )
-        if problem is not None:
-            raise ConfigError(problem)
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            object.__setattr__(self, "ssl_context", self._tls_context())
-
-    def _tls_context(self) -> ssl.SSLContext:
-        cafile = str(self.ssl_cafile) if self.ssl_cafile is not None else None
-        try:  # check_hostname and CERT_REQUIRED: on, and not configurable
-            context: ssl.SSLContext = create_ssl_context(cafile=cafile)
-        except OSError as exc:
-            raise ConfigError(
-                f"KAFKA_SSL_CAFILE={cafile!r}: cannot load CA certificates from it "
-                f"({_reason(exc)}; PEM expected)"
-            ) from None
-        if self.ssl_certfile is None:
-            return context
-        key_password = self.ssl_key_password
-
-        def password() -> str:
-            if key_password is None:
-                raise ConfigError(
-                    "the client key is encrypted: set KAFKA_SSL_KEY_PASSWORD_FILE "
-                    f"(KAFKA_SSL_KEYFILE={str(self.ssl_keyfile or self.ssl_certfile)!r})"
-                )
-            return key_password.reveal()
-
-        try:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=password)
-        except OSError as exc:
-            raise ConfigError(
-                f"KAFKA_SSL_CERTFILE={str(self.ssl_certfile)!r}, KAFKA_SSL_KEYFILE="
-                f"{str(self.ssl_keyfile or self.ssl_certfile)!r}: cannot load the client "
-                f"certificate and key ({_reason(exc)}): not PEM, a key of another "
-                "certificate, or a wrong KAFKA_SSL_KEY_PASSWORD_FILE?"
-            ) from None
-        return context
-
-    @property
-    def uses_sasl(self) -> bool:
-        return self.security_protocol.startswith("SASL_")
-
-    def connection_options(self) -> dict[str, Any]:
-        """aiokafka's security keyword arguments (no bootstrap): for clients and connections.
-
-        The only place a password is revealed: handed to aiokafka, never logged.
-        """
-        options: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.ssl_context is not None:
-            options["ssl_context"] = self.ssl_context
-        if self.uses_sasl:
-            assert self.sasl_password is not None
-            options["sasl_mechanism"] = self.sasl_mechanism
-            options["sasl_plain_username"] = self.sasl_username
-            options["sasl_plain_password"] = self.sasl_password.reveal()
-        return options
-
-    def client_options(self) -> dict[str, Any]:
-        """aiokafka's keyword arguments for a producer, consumer or admin client."""
-        return {"bootstrap_servers": self.bootstrap, **self.connection_options()}
-
-
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or exc)
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
 def make_consumer(access: KafkaAccess, group_id: str | None, **extra: Any) -> AIOKafkaConsumer:
     kip447.install()  # stable committed offsets; never "none" while the coordinator loads
     settings: dict[str, Any] = {
@@ -222,6 +117,78 @@ def make_producer(
         settings["retry_backoff_ms"] = TXN_RETRY_BACKOFF_MS
     settings.update(extra)
     return AIOKafkaProducer(**settings)
+
+
+#: A read that gets no record and no nearer its end for this long has stalled.
+STALL_SECONDS = 60.0
+
+
+async def read_spans(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    spans: Mapping[int, tuple[int, int]],
+    handle: Callable[[Any], None],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    stall_seconds: float = STALL_SECONDS,
+) -> None:
+    """Every record of ``topic`` in ``spans`` ([start, end) offsets per partition) to
+    ``handle``, in offset order per partition: the one way the tools read a topic to its end.
+
+    ``consumer`` is started and has no group (it is assigned the partitions). With
+    read_committed an end taken from ``end_offsets`` is the last stable offset, reached
+    through aborted records too. ``progress(done, total)`` after each batch. Raises
+    ProcessorError when ``stall_seconds`` pass without a record or a partition reaching
+    its end.
+    """
+    todo = {p: span for p, span in spans.items() if span[0] < span[1]}
+    if not todo:
+        return
+    tps = {p: TopicPartition(topic, p) for p in todo}
+    consumer.assign(list(tps.values()))
+    for p, tp in tps.items():
+        consumer.seek(tp, todo[p][0])
+    total = sum(end - start for start, end in todo.values())
+    remaining = set(todo)
+    stalled_since = time.monotonic()
+    while remaining:
+        batch = await consumer.getmany(
+            *(tps[p] for p in remaining), timeout_ms=500, max_records=5000
+        )
+        for tp, records in batch.items():
+            end = todo[tp.partition][1]
+            for record in records:
+                if record.offset >= end:
+                    break
+                handle(record)
+        moved = False
+        done = 0
+        for p in list(todo):
+            position = await consumer.position(tps[p]) if p in remaining else todo[p][1]
+            done += min(position, todo[p][1]) - todo[p][0]
+            if p in remaining and position >= todo[p][1]:
+                remaining.discard(p)
+                consumer.pause(tps[p])
+                moved = True
+        if batch or moved:
+            stalled_since = time.monotonic()
+        elif time.monotonic() - stalled_since > stall_seconds:
+            raise ProcessorError(
+                f"reading {topic} stalled: partitions {sorted(remaining)} did not reach "
+                "their end offsets"
+            )
+        if progress is not None:
+            progress(done, total)
+
+
+async def offsets(
+    consumer: AIOKafkaConsumer, topic: str, partitions: Iterable[int], *, end: bool
+) -> dict[int, int]:
+    """The first (``end=False``) or end offsets of ``topic``'s ``partitions``."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    call = consumer.end_offsets(tps) if end else consumer.beginning_offsets(tps)
+    found = await asyncio.wait_for(call, CALL_TIMEOUT)
+    return {tp.partition: offset for tp, offset in found.items()}
 
 
 def admin_client(access: KafkaAccess) -> AIOKafkaAdminClient:
@@ -372,7 +339,7 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
         )
     except ssl.SSLError as exc:
         return ConfigError(
-            f"TLS handshake with Kafka at {where} failed ({_reason(exc)}): "
+            f"TLS handshake with Kafka at {where} failed ({ssl_reason(exc)}): "
             f"is it a TLS listener ({protocol})? Does it require a client certificate "
             "(KAFKA_SSL_CERTFILE)?"
         )
@@ -386,7 +353,7 @@ async def _probe(access: KafkaAccess, where: str, host: str, port: int) -> Proce
     except TimeoutError:
         return ServiceUnreachable(f"Kafka at {where} did not answer in time ({protocol})")
     except OSError as exc:
-        return ServiceUnreachable(f"cannot connect to Kafka at {where}: {_reason(exc)}")
+        return ServiceUnreachable(f"cannot connect to Kafka at {where}: {ssl_reason(exc)}")
     except errors.KafkaError as exc:
         return ServiceUnreachable(f"Kafka at {where}: {_broker_message(exc)}")
     conn.close()

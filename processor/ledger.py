@@ -7,20 +7,17 @@ rebuild each record's version chain. It must outlive the request topic's retenti
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
 
 import asyncpg
 
 from processor.db import Connection
 from processor.errors import ConfigError, TransientError
+from processor.names import is_identifier
 
 __all__ = ["Ledger", "LedgerEntry", "StoredReply"]
-
-_SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +48,7 @@ class Ledger:
     """The ledger table ``<schema>.request_ledger``; the schema name is allowlisted."""
 
     def __init__(self, schema: str = "processor") -> None:
-        if not _SCHEMA_RE.fullmatch(schema):
+        if not is_identifier(schema):
             raise ConfigError(f"ledger schema {schema!r} is not a plain identifier")
         self.schema = schema
         self.table = f'"{schema}".request_ledger'

@@ -9,7 +9,6 @@ start on any error, and the error names the file, the entity and the field.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,10 +17,10 @@ from typing import Any, Final, Literal
 
 from processor.db import Connection
 from processor.errors import ConfigError
+from processor.names import is_identifier
 
 __all__ = ["Column", "Entity", "Registry", "load_registry", "parse_registry"]
 
-_IDENT: Final = re.compile(r"^[a-z_][a-z0-9_]*$")
 _ALLOWED_KEYS: Final = frozenset(
     {"table", "key", "row_version", "optimistic_concurrency", "default_behavior", "attributes"}
 )
@@ -43,8 +42,7 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
 
 def quote(name: str) -> str:
     """Quote an identifier that already passed the allowlist (never a raw input)."""
-    assert _IDENT.fullmatch(name), name
-    assert len(name.encode()) <= 63, name
+    assert is_identifier(name), name
     return f'"{name}"'
 
 
@@ -118,7 +116,7 @@ def _ident(value: Any, where: str) -> str:
         raise ConfigError(
             f"{where}: {value[:80]!r} is longer than 63 bytes (PostgreSQL would truncate it)"
         )
-    if not _IDENT.fullmatch(value):
+    if not is_identifier(value):
         raise ConfigError(
             f"{where}: {value[:80]!r} is not a plain identifier "
             "(lowercase letters, digits and '_', not starting with a digit)"

@@ -22,7 +22,7 @@ from typing import Final
 from aiokafka.errors import KafkaError
 
 from processor import kafka
-from processor.engine import Envelope
+from processor.envelope import Envelope
 from processor.errors import InvalidArgument
 from processor.intake import Message, Rejected, reject
 from processor.log import get_logger

@@ -8,7 +8,9 @@ Where the services come from (``stack_endpoints``), first match wins:
    (apache/kafka in KRaft mode, postgres:18);
 3. the local stack: ``ops/stack up`` (left running afterwards; ``ops/stack down`` stops it).
 
-Tests under tests/integration/ get the ``integration`` marker automatically.
+Tests under tests/integration/ get the ``integration`` marker automatically; those under
+tests/platform/ (checks of PostgreSQL and Kafka themselves) get ``platform`` and
+``integration``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.support import ROOT, NewTopic, TopicAdmin, docker_reachable, testcont
 __all__ = ["Endpoints", "NewTopic"]
 
 INTEGRATION_DIR = ROOT / "tests" / "integration"
+PLATFORM_DIR = ROOT / "tests" / "platform"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +44,10 @@ class Endpoints:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if Path(item.path).is_relative_to(INTEGRATION_DIR):
+        path = Path(item.path)
+        if path.is_relative_to(PLATFORM_DIR):
+            item.add_marker(pytest.mark.platform)
+        if path.is_relative_to(INTEGRATION_DIR) or path.is_relative_to(PLATFORM_DIR):
             item.add_marker(pytest.mark.integration)
 
 

@@ -10,14 +10,31 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin import NewTopic as KafkaNewTopic
 
+from processor import kafka
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Msg:
+    """A fake Kafka record: the fields of a ConsumerRecord that intake and the audit read."""
+
+    value: bytes | None
+    key: bytes | None = b"acct:1"
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    topic: str = "requests"
+    partition: int = 0
+    offset: int = 0
+
+
 TOPIC_EXISTS = 36
 
 
@@ -111,18 +128,17 @@ async def consume_all(
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records: list[Any] = []
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: consumed {len(records)} records, end not reached")
-            batch = await consumer.getmany(*tps, timeout_ms=200)
-            for tp in tps:
-                records.extend(batch.get(tp, []))
-        return records
+        first = await kafka.offsets(consumer, topic, partitions, end=False)
+        end = await kafka.offsets(consumer, topic, partitions, end=True)
+        by_partition: dict[int, list[Any]] = {p: [] for p in partitions}
+        await kafka.read_spans(
+            consumer,
+            topic,
+            {p: (first[p], end[p]) for p in partitions},
+            lambda record: by_partition[record.partition].append(record),
+            stall_seconds=max(0.0, deadline - time.monotonic()),
+        )
+        return [record for p in partitions for record in by_partition[p]]
     finally:
         await consumer.stop()
 
@@ -134,6 +150,17 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of ``GET path`` on 127.0.0.1:``port`` (HTTP/1.0: the body to the end)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Endpoints
+from tests.integration.engine_kit import Kit
 from tests.integration.harness import Scenario
 
 
@@ -22,3 +23,9 @@ async def scenario(
     await s.setup(pg)
     yield s
     s.stop_all()
+
+
+@pytest.fixture
+async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
+    """The engine over the test's schema: its tables, registry and ledger (engine_kit.py)."""
+    return await Kit.create(pg, db_schema)

@@ -24,9 +24,8 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from processor.contract import DeadLetter, Reply
+from processor.contract import DeadLetter, Reply, decode_reply, record_key
 
-REPLY = msgspec.json.Decoder(Reply)
 DEAD = msgspec.json.Decoder(DeadLetter)
 
 TABLE_SQL = """
@@ -225,7 +224,7 @@ class Scenario:
                 headers: list[tuple[str, bytes]] = []
                 partition: int | None = None
                 if isinstance(item, dict):
-                    key: bytes | None = f"{item.get('entity')}:{item.get('id')}".encode()
+                    key = record_key(item.get("entity"), item.get("id"))
                     value: bytes | None = msgspec.json.encode(item)
                 else:
                     key, value, headers = item.key, item.value, item.headers
@@ -272,7 +271,7 @@ class Scenario:
 
     async def replies(self, *, expect: int, timeout: float = 120.0) -> list[Reply]:
         return [
-            REPLY.decode(r.value)
+            decode_reply(r.value)
             for r in await self.read_all(self.reply_topic, expect=expect, timeout=timeout)
         ]
 

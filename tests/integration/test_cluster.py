@@ -29,7 +29,8 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from processor.client import Client
-from tests.integration.harness import REPLY, Scenario, check_exactly_once
+from processor.contract import decode_reply
+from tests.integration.harness import Scenario, check_exactly_once
 from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(900)]
@@ -253,7 +254,7 @@ async def test_a_commit_the_standby_never_got_is_not_answered_and_is_applied_onc
         await _until_waiting_for_the_standby(primary["port"])
         # written on the primary, waiting for the standby: no reply may be visible
         seen = await s.read_all(s.reply_topic, expect=1, timeout=5, settle=3)
-        assert [REPLY.decode(r.value).request_id for r in seen] == [warm[0]["request_id"]]
+        assert [decode_reply(r.value).request_id for r in seen] == [warm[0]["request_id"]]
         for pid in _family(primary["pid"]):
             os.kill(pid, signal.SIGKILL)
     finally:
@@ -300,7 +301,7 @@ async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_
         await _until_waiting_for_the_standby(primary["port"])
         # watch the reply topic past the command timeout: only the warm-up's reply
         seen = await s.read_all(s.reply_topic, expect=2, timeout=75, settle=75)
-        answered = [REPLY.decode(r.value).request_id for r in seen]
+        answered = [decode_reply(r.value).request_id for r in seen]
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)

@@ -24,7 +24,7 @@ async def test_the_demo_shows_metadata_a_rolled_back_transaction_and_a_conflict(
     run = uuid.uuid4().hex[:8]
     schema = f"demo_{run}"
     for name in ("entities.toml", "schema.sql"):
-        text = (ROOT / "ops" / "demo" / name).read_text()
+        text = (ROOT / "processor" / "tools" / "demo_data" / name).read_text()
         (tmp_path / name).write_text(
             text.replace("demo.", f"{schema}.").replace(
                 "SCHEMA IF NOT EXISTS demo;", f"SCHEMA IF NOT EXISTS {schema};"

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-import pytest
-
 from processor.batches import MAX_REPLY_BYTES
 from processor.errors import (
     ConcurrencyVersionMismatch,
@@ -19,13 +16,6 @@ from processor.errors import (
     RequestTooLarge,
 )
 from tests.integration.engine_kit import Kit, delete, retrieve, rid, update
-
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    return await Kit.create(pg, db_schema)
 
 
 def transaction(*requests: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -17,14 +17,13 @@ from processor.engine import Outcome
 from processor.errors import AttributeNotFound, EntityNotFound, Fault, InvalidArgument
 from tests.integration.engine_kit import Kit, related, update
 
-pytestmark = pytest.mark.integration
-
 MB = 1024 * 1024
 
 
 @pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    k = await Kit.create(pg, db_schema)
+async def kit(kit: Kit, pg: asyncpg.Connection) -> Kit:
+    """The shared kit (tests/integration/conftest.py), with these tests' rows."""
+    k = kit
     await k.seed("account", 1, 2, 3)
     await k.seed("item", "k1")
     await k.seed("typed", 1, 2)

@@ -12,7 +12,6 @@ import json
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 
 from processor.errors import DuplicateRequest
@@ -25,13 +24,6 @@ from tests.integration.engine_kit import (
     retrieve,
     update,
 )
-
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    return await Kit.create(pg, db_schema)
 
 
 def _messages(flavor: Flavor) -> dict[str, dict[str, Any]]:

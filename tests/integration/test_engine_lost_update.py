@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Endpoints
 from tests.integration.engine_kit import FLAVORS, Flavor, Kit, retrieve, update
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 TASKS = 8
 INCREMENTS = 10
@@ -28,11 +28,6 @@ class Tally:
     successes: int = 0
     mismatches: int = 0
     attempts: int = 0
-
-
-@pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    return await Kit.create(pg, db_schema)
 
 
 async def _increment(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 
 from processor.engine import Outcome
@@ -37,17 +36,10 @@ from tests.integration.engine_kit import (
     update,
 )
 
-pytestmark = pytest.mark.integration
-
 OPS = ["update", "delete"]
 IF_MATCH = ["IfRowVersionMatches", 1]
 OVERWRITE = ["AlwaysOverwrite", 2]
 DEFAULT = ["Default", 0, None]  # None: the field left out
-
-
-@pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    return await Kit.create(pg, db_schema)
 
 
 def _request(

@@ -73,8 +73,6 @@ from tests.conftest import Endpoints
 from tests.fuzzing import examples
 from tests.integration.engine_kit import T0, Kit, envelope
 
-pytestmark = pytest.mark.integration
-
 T = TypeVar("T")
 Key = int | str
 RowKey = tuple[str, Key]

@@ -10,7 +10,6 @@ dead afterwards; for xmin and for version-column entities.
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 
 from processor.engine import Engine, Outcome
@@ -24,13 +23,6 @@ from tests.integration.engine_kit import (
     retrieve,
     update,
 )
-
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
-    return await Kit.create(pg, db_schema)
 
 
 def _tokens(outcomes: list[Outcome]) -> list[str]:

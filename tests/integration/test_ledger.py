@@ -17,8 +17,6 @@ from processor.errors import ConfigError, TransientError
 from processor.ledger import Ledger, LedgerEntry
 from tests.conftest import Endpoints
 
-pytestmark = pytest.mark.integration
-
 
 def _entry(request_id: str, processed_at: datetime, reply: bytes = b"{}") -> LedgerEntry:
     return LedgerEntry(

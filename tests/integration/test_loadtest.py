@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from processor.config import Settings
-from processor.loadtest import LoadOptions, run_loadtest, summary, write_plot
 from processor.registry import Entity, quote
+from processor.tools.loadtest import LoadOptions, run_loadtest, summary, write_plot
 from tests.integration.harness import Scenario
 
 pytestmark = pytest.mark.timeout(300)

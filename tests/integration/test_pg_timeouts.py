@@ -14,8 +14,7 @@ import asyncpg
 import pytest
 
 from processor.config import Settings
-from processor.db import connect, create_pool
-from processor.engine import is_transient
+from processor.db import connect, create_pool, is_transient
 from processor.errors import TransientError
 from tests.conftest import Endpoints
 from tests.integration.engine_kit import Kit, envelope

@@ -15,8 +15,6 @@ from processor.ledger import Ledger
 from processor.registry import load_registry
 from tests.integration.engine_kit import envelope, update
 
-pytestmark = pytest.mark.integration
-
 SOURCE = "conf/entities.toml"
 
 TABLES = """

@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from processor.client import Client
-from processor.contract import UpdateRequest
+from processor.contract import UpdateRequest, decode_reply
 from processor.errors import ConfigError, InvalidArgument, ReplyTimeout
-from tests.integration.harness import DEAD, REPLY, Scenario
+from tests.integration.harness import DEAD, Scenario
 from tests.integration.test_client import until_answered
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,7 +49,7 @@ async def test_fixed_reply_partitions_get_only_their_replies(
         assert three.replies_read - read_before[0] == 20
         assert low.replies_read - read_before[1] == 20
     records = await scenario.read_all(scenario.reply_topic, expect=40, settle=1.0)
-    partitions = {REPLY.decode(r.value).request_id: r.partition for r in records}
+    partitions = {decode_reply(r.value).request_id: r.partition for r in records}
     mine = {r.request_id for r in got[:20]}
     assert {partitions[rid] for rid in mine} == {3}
     assert {partitions[r.request_id] for r in got[20:]} <= {0, 1}
@@ -80,7 +80,7 @@ async def test_a_partition_the_topic_lacks_is_a_fault_on_the_default_topic_and_a
     )
     records = await scenario.read_all(scenario.reply_topic, expect=4, timeout=120)
     replies = {
-        REPLY.decode(r.value).request_id: (REPLY.decode(r.value), r.partition) for r in records
+        decode_reply(r.value).request_id: (decode_reply(r.value), r.partition) for r in records
     }
     for rid, path in (
         ("p-9", "reply_partition"),
@@ -169,7 +169,7 @@ async def test_a_rebalance_of_the_clients_group_resends_what_moved_and_loses_not
     records = await scenario.read_all(scenario.reply_topic, expect=40 + len(moved), settle=1.0)
     by_id: dict[str, set[int]] = {}
     for r in records:
-        by_id.setdefault(REPLY.decode(r.value).request_id, set()).add(r.partition)
+        by_id.setdefault(decode_reply(r.value).request_id, set()).add(r.partition)
     for rid in moved:
         assert len(by_id[rid]) == 2, (rid, by_id[rid])
 

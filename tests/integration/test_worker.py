@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from tests.integration.harness import DEAD, Raw, Scenario, check_exactly_once, updates
-from tests.support import until
+from tests.support import http_get, until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -252,16 +252,6 @@ def _free_port() -> int:
         return port
 
 
-async def _http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 async def test_metrics_health_and_traceparent_are_exposed(
     scenario: Scenario, pg: asyncpg.Connection
 ) -> None:
@@ -290,16 +280,16 @@ async def test_metrics_health_and_traceparent_are_exposed(
     deadline = asyncio.get_running_loop().time() + 30
     while True:
         try:
-            status, _ = await _http_get(port, "/readyz")
+            status, _ = await http_get(port, "/readyz")
             if status == 200:
                 break
         except OSError:
             pass
         assert asyncio.get_running_loop().time() < deadline, scenario.logs()
         await asyncio.sleep(0.2)
-    assert (await _http_get(port, "/healthz"))[0] == 200
-    assert (await _http_get(port, "/nope"))[0] == 404
-    status, text = await _http_get(port, "/metrics")
+    assert (await http_get(port, "/healthz"))[0] == 200
+    assert (await http_get(port, "/nope"))[0] == 404
+    status, text = await http_get(port, "/metrics")
     assert status == 200
     assert 'processor_requests_total{code="",status="success",type="update"} 3.0' in text
     assert 'processor_requests_total{code="-2147220969",status="fault",type="delete"} 1.0' in text

@@ -25,21 +25,11 @@ import pytest
 
 from tests.conftest import Endpoints
 from tests.integration.harness import Scenario, check_exactly_once, json_log_lines, updates
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, http_get
 
 pytestmark = pytest.mark.timeout(600)
 
 STACK = ROOT / "ops" / "stack"
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

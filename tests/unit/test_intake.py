@@ -4,35 +4,25 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
 from processor.contract import DeadLetter, Reply
-from processor.engine import Envelope, Outcome
+from processor.envelope import Envelope, Outcome
 from processor.errors import MAX_FAULT_MESSAGE, bounded
 from processor.intake import DEAD_LETTER_PREFIX, Rejected, admit, outcome_records, rejected_records
+from tests.support import Msg
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@dataclass
-class Msg:
-    value: bytes | None
-    key: bytes | None = b"acct:1"
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    topic: str = "requests"
-    partition: int = 3
-    offset: int = 42
 
 
 GOOD = b'{"type":"delete","request_id":"r1","entity":"acct","id":1}'
 
 
 def test_a_valid_request_becomes_an_envelope_with_its_source() -> None:
-    item = admit(Msg(GOOD), max_bytes=1000, now=NOW)
+    item = admit(Msg(GOOD, partition=3, offset=42), max_bytes=1000, now=NOW)
     assert isinstance(item, Envelope)
     assert item.request.request_id == "r1"
     assert item.source is not None
@@ -62,7 +52,8 @@ def test_an_undecodable_record_is_rejected_and_addressed_only_when_its_id_is_rea
 
 def test_an_oversized_record_is_not_decoded_and_uses_the_request_id_header() -> None:
     value = b'{"type":"delete"' + b" " * 5000 + b"}"
-    item = admit(Msg(value, headers=[("request_id", b"big-1")]), max_bytes=1000, now=NOW)
+    msg = Msg(value, headers=[("request_id", b"big-1")], partition=3, offset=42)
+    item = admit(msg, max_bytes=1000, now=NOW)
     assert isinstance(item, Rejected)
     assert item.fault.code == -2130771966
     assert item.reply is not None

@@ -12,11 +12,12 @@ from typing import Any
 import msgspec
 import pytest
 
-import processor.loadtest as lt
+import processor.tools.loadtest as lt
+import processor.tools.loadtest.cli as loadtest_cli
 from processor.config import Settings
 from processor.contract import FaultDetail, Reply, encode_reply
 from processor.errors import ConfigError
-from processor.loadtest import LoadOptions, Observations, check_invariants, percentile
+from processor.tools.loadtest import LoadOptions, Observations, check_invariants, percentile
 
 
 def reply(rid: str, status: str = "success", code: int | None = None) -> bytes:
@@ -175,7 +176,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, result: dict[str, Any]) -> list[Lo
         runs.append(opts)
         return result
 
-    monkeypatch.setattr(lt, "run_loadtest", fake)
+    monkeypatch.setattr(loadtest_cli, "run_loadtest", fake)  # where the command finds it
     return runs
 
 
@@ -274,3 +275,10 @@ def test_the_plot_reads_in_milliseconds_and_leaves_the_drain_out_of_the_throughp
         if line.get_label() in ("operations/s", "requests/s"):
             assert max(xs) < 2.0  # the drain bucket (2.0-2.3 s, 5 ops) is not a point
             assert list(line.get_ydata()) == [100.0, 100.0]
+
+
+def test_the_old_import_path_serves_the_same_names() -> None:
+    import processor.loadtest as old
+
+    assert old.__all__ == lt.__all__
+    assert all(getattr(old, name) is getattr(lt, name) for name in lt.__all__)

@@ -7,8 +7,7 @@ import asyncpg
 import pytest
 
 from processor.config import Settings, redact_url
-from processor.db import connect_error, describe_connect_error, session_settings
-from processor.engine import is_transient
+from processor.db import connect_error, describe_connect_error, is_transient, session_settings
 from processor.errors import ConfigError, ServiceUnreachable
 from processor.grants import check_role_name, plan_for, statements
 from processor.ledger import Ledger

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.contract import Reply, encode_reply
-from processor.engine import Envelope, Outcome
+from processor.envelope import Envelope, Outcome
 from processor.errors import InvalidArgument
 from processor.intake import Rejected, admit, outcome_records, rejected_records
 from processor.reply_routes import check_routes
 from tests.fuzzing import examples
-from tests.unit.test_fuzz_intake import Msg
+from tests.support import Msg
 
 NOW: Final = datetime(2030, 1, 1, tzinfo=UTC)
 TOPICS: Final = {"replies": 4, "mine": 1, "requests.dlq": 1}
