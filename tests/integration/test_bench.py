@@ -72,10 +72,15 @@ async def test_quick_bench_runs_and_its_checks_pass(
         assert entry["drain"]["transactions_per_1k"] > 0, entry["drain"]["name"]
     assert "**FAILED**" not in report
     assert "## Targets" in report
+    # The cadence: every point of the load curve says how many requests a transaction held.
+    for point in results["curves"]["load"]:
+        assert point["transactions_per_1k"] > 0, point["name"]
+        assert set(point["extra"]["phase_ms"]) == {"database", "wait", "kafka"}, point["name"]
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "contenders_throughput.png",
         "processor_backlog.png",
         "processor_batch.png",
+        "processor_batch_by_load.png",
         "processor_load.png",
         "processor_skew.png",
     ]
