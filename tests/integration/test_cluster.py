@@ -10,6 +10,7 @@ backends, SIGSTOP of the standby, ``pg_ctl promote``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -218,14 +219,53 @@ async def test_an_update_acknowledged_before_a_failover_is_present_after_it(
     present = await _ledger_ids(cluster.database_url, s.schema)
     missing = {r["request_id"] for r in acknowledged} - present
     assert not missing, f"acknowledged before the failover, gone after it: {sorted(missing)[:5]}"
-    everything = acknowledged + across
-    replies = await s.replies(expect=len(everything), timeout=240)
+    await _answered_once(cluster, s, acknowledged + across)
+
+
+@contextlib.asynccontextmanager
+async def _standby_frozen(
+    cluster: ClusterStack, s: Scenario
+) -> AsyncIterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A worker answers a warm-up update; the standby is frozen (SIGSTOP) and a second
+    update sent, whose COMMIT then waits for the standby (wait event SyncRep). Yields
+    (warm-up, stuck); the standby resumes (SIGCONT) on exit."""
+    s.start_worker()
+    warm = _updates(range(1, 2), range(0, 1), f"{s.run}-warm")
+    await s.send(warm)
+    assert len(await s.replies(expect=1, timeout=180)) == 1
+    _, primary = cluster.pg("primary")
+    _, standby = cluster.pg("standby")
+    await _until_sync(primary["port"])
+    frozen = _family(standby["pid"])
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stuck = _updates(range(2, 3), range(7, 8), f"{s.run}-stuck")
+        await s.send(stuck)
+        await _until_waiting_for_the_standby(primary["port"])
+        yield warm, stuck
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def _answered_once(
+    cluster: ClusterStack, s: Scenario, requests: list[dict[str, Any]]
+) -> None:
+    """Every request answered once and applied once; the workers still running."""
+    replies = await s.replies(expect=len(requests), timeout=240)
     conn = await asyncpg.connect(cluster.database_url)
     try:
-        await check_exactly_once(conn, s.schema, replies, everything)
+        await check_exactly_once(conn, s.schema, replies, requests)
     finally:
         await conn.close()
     assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
+
+
+async def _answered_ids(s: Scenario, expect: int, seconds: float) -> list[str]:
+    """The request ids of the replies on the reply topic, read for ``seconds``."""
+    seen = await s.read_all(s.reply_topic, expect=expect, timeout=seconds, settle=seconds)
+    return [decode_reply(r.value).request_id for r in seen]
 
 
 async def test_a_commit_the_standby_never_got_is_not_answered_and_is_applied_once_after_failover(
@@ -237,41 +277,18 @@ async def test_a_commit_the_standby_never_got_is_not_answered_and_is_applied_onc
     write, promoted: the worker redoes the request on the new primary, and it is answered
     and applied once."""
     s = scenario
-    s.start_worker()
-    warm = _updates(range(1, 2), range(0, 1), f"{s.run}-warm")
-    await s.send(warm)
-    assert len(await s.replies(expect=1, timeout=180)) == 1
-
     primary_name, primary = cluster.pg("primary")
-    standby_name, standby = cluster.pg("standby")
-    await _until_sync(primary["port"])
-    frozen = _family(standby["pid"])
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        stuck = _updates(range(2, 3), range(7, 8), f"{s.run}-stuck")
-        await s.send(stuck)
-        await _until_waiting_for_the_standby(primary["port"])
+    standby_name, _ = cluster.pg("standby")
+    async with _standby_frozen(cluster, s) as (warm, stuck):
         # written on the primary, waiting for the standby: no reply may be visible
-        seen = await s.read_all(s.reply_topic, expect=1, timeout=5, settle=3)
-        assert [decode_reply(r.value).request_id for r in seen] == [warm[0]["request_id"]]
+        assert await _answered_ids(s, expect=1, seconds=3) == [warm[0]["request_id"]]
         for pid in _family(primary["pid"]):
             os.kill(pid, signal.SIGKILL)
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
     await asyncio.to_thread(cluster.run, "promote", standby_name)
     await asyncio.to_thread(cluster.run, "up")  # the old primary, rebuilt as the standby
     assert cluster.pg("primary")[0] == standby_name
     assert cluster.pg("standby")[0] == primary_name
-
-    replies = await s.replies(expect=2, timeout=240)
-    conn = await asyncpg.connect(cluster.database_url)
-    try:
-        await check_exactly_once(conn, s.schema, replies, warm + stuck)
-    finally:
-        await conn.close()
-    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
+    await _answered_once(cluster, s, warm + stuck)
 
 
 async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_is_not_answered(
@@ -279,40 +296,16 @@ async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_
 ) -> None:
     """A standby frozen for longer than the worker's command timeout (60 s). The timeout
     cancels the COMMIT's wait and PostgreSQL commits on the primary alone; the worker's
-    retry finds the request in the ledger, and its transaction (given a transaction id by
-    the lookup: processor/ledger.py) waits for the standby in turn, so nothing is answered
+    retry finds the request in the ledger, and its transaction (made to write WAL by the
+    lookup: processor/ledger.py) waits for the standby in turn, so nothing is answered
     while the update is on the primary alone (an answered update would be lost by the
     next failover). Once the standby is back: answered and applied once."""
     s = scenario
-    s.start_worker()
-    warm = _updates(range(1, 2), range(0, 1), f"{s.run}-warm")
-    await s.send(warm)
-    assert len(await s.replies(expect=1, timeout=180)) == 1
-
-    _, primary = cluster.pg("primary")
-    _, standby = cluster.pg("standby")
-    await _until_sync(primary["port"])
-    frozen = _family(standby["pid"])
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        stuck = _updates(range(2, 3), range(7, 8), f"{s.run}-stuck")
-        await s.send(stuck)
-        await _until_waiting_for_the_standby(primary["port"])
-        # watch the reply topic past the command timeout: only the warm-up's reply
-        seen = await s.read_all(s.reply_topic, expect=2, timeout=75, settle=75)
-        answered = [decode_reply(r.value).request_id for r in seen]
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+    async with _standby_frozen(cluster, s) as (warm, stuck):
+        # past the command timeout: only the warm-up's reply
+        answered = await _answered_ids(s, expect=2, seconds=75)
     assert answered == [warm[0]["request_id"]], "answered while on the primary alone"
-    replies = await s.replies(expect=2, timeout=240)
-    conn = await asyncpg.connect(cluster.database_url)
-    try:
-        await check_exactly_once(conn, s.schema, replies, warm + stuck)
-    finally:
-        await conn.close()
-    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
+    await _answered_once(cluster, s, warm + stuck)
 
 
 async def _until_waiting_for_the_standby(port: int, limit: float = 60) -> None:
