@@ -1434,10 +1434,7 @@ async def wait_cluster(cluster: Cluster, seconds: float) -> None:
 
 def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
     started = time.monotonic()
-    given = external_endpoints()
-    if given and given != (cluster.bootstrap, cluster.database_url()):
-        say("KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: starting nothing, waiting for them")
-        asyncio.run(wait_services(given[0], given[1], timeout))
+    if served_from_outside((cluster.bootstrap, cluster.database_url()), timeout):
         return 0
     check_cluster_ports(cluster)
     with locked(cluster.dir / "stack.lock"):
@@ -1627,14 +1624,21 @@ def check_recorded_ports(stack: Stack, pids: dict[str, int | None]) -> None:
             )
 
 
+def served_from_outside(own: tuple[str, str], timeout: float) -> bool:
+    """Whether services from outside (CI, compose, a cloud) are given: then they are
+    waited for and nothing is started. The stack's own endpoints ``own`` (`eval "$(ops/stack
+    env)"`) are not "outside"."""
+    given = external_endpoints()
+    if not given or given == own:
+        return False
+    say("KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: starting nothing, waiting for them")
+    asyncio.run(wait_services(given[0], given[1], timeout))
+    return True
+
+
 def cmd_up(stack: Stack, timeout: float) -> int:
     started = time.monotonic()
-    given = external_endpoints()
-    if given and given != (stack.bootstrap, stack.database_url()):
-        # services from outside (CI, compose, a cloud): honour them, start nothing. The same
-        # endpoints as this stack's own (`eval "$(ops/stack env)"`) are not "outside".
-        say("KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: starting nothing, waiting for them")
-        asyncio.run(wait_services(given[0], given[1], timeout))
+    if served_from_outside((stack.bootstrap, stack.database_url()), timeout):
         return 0
     with locked(stack.dir / "stack.lock"):
         pids = running(stack)

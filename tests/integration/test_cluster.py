@@ -171,17 +171,22 @@ def _family(pid: int) -> list[int]:
     return [pid, *kids]
 
 
-async def _until_sync(port: int, limit: float = 60) -> None:
-    """The primary streams to a synchronous standby (commits wait for it)."""
+async def _until_counted(port: int, query: str, what: str, limit: float = 60) -> None:
+    """Until ``query`` (a count) on the server at ``port`` is at least 1: ``what``."""
     conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/processor")
     try:
         deadline = time.monotonic() + limit
-        query = "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
         while await conn.fetchval(query) < 1:
-            assert time.monotonic() < deadline, "no synchronous standby"
+            assert time.monotonic() < deadline, f"not seen within {limit:.0f} s: {what}"
             await asyncio.sleep(0.1)
     finally:
         await conn.close()
+
+
+async def _until_sync(port: int) -> None:
+    """The primary streams to a synchronous standby (commits wait for it)."""
+    query = "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+    await _until_counted(port, query, "a synchronous standby")
 
 
 async def _ledger_ids(url: str, schema: str) -> set[str]:
@@ -308,17 +313,10 @@ async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_
     await _answered_once(cluster, s, warm + stuck)
 
 
-async def _until_waiting_for_the_standby(port: int, limit: float = 60) -> None:
+async def _until_waiting_for_the_standby(port: int) -> None:
     """A backend of the primary waits in its COMMIT for the synchronous standby."""
-    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/processor")
-    try:
-        deadline = time.monotonic() + limit
-        query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
-        while await conn.fetchval(query) < 1:
-            assert time.monotonic() < deadline, "no commit waits for the standby"
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+    await _until_counted(port, query, "a commit waiting for the standby")
 
 
 async def _leaders(bootstrap: str, topics: list[str], partitions: int) -> dict[str, list[int]]:
