@@ -72,7 +72,7 @@ class _Formatter(argparse.HelpFormatter):
         if (
             action.option_strings
             and "%(default)" not in text
-            and default not in (None, False, argparse.SUPPRESS)
+            and default not in (None, False, "", argparse.SUPPRESS)
         ):
             text += " (default: %(default)s)"
         return text

@@ -50,6 +50,19 @@ def test_every_command_explains_itself_and_every_option_has_help(
     assert "Exit status" in text
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_no_option_shows_an_empty_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty string is no default to show (audit's --replayed-groups read "(default: )")."""
+    assert "(default: )" not in _help(capsys, command)
+
+
+def test_the_audits_own_exit_statuses_include_an_unreachable_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    description = " ".join(_help(capsys, "audit").split("options:")[0].split())
+    assert "1 failure, 2 usage, 4 Kafka or PostgreSQL cannot be reached." in description
+
+
 @pytest.mark.parametrize("command", ["run", "migrate", "topics", "demo"])
 def test_the_commands_that_had_an_empty_help_say_what_they_do(
     command: str, capsys: pytest.CaptureFixture[str]
