@@ -72,7 +72,7 @@ class _Formatter(argparse.HelpFormatter):
         if (
             action.option_strings
             and "%(default)" not in text
-            and default not in (None, False, argparse.SUPPRESS)
+            and default not in (None, False, "", argparse.SUPPRESS)
         ):
             text += " (default: %(default)s)"
         return text
@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, flags)
         from processor.log import configure_logging
 
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         aiokafka_log = logging.getLogger("aiokafka")
         if not any(isinstance(f, _BootstrapNoise) for f in aiokafka_log.filters):
             aiokafka_log.addFilter(_BootstrapNoise())

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Read the request, reply and dead-letter topics (read_committed) and the ledger, and "
         "prove: one reply per request, replies equal to the ledger byte for byte, no request "
         "applied twice, one version chain per record, a dead letter for every bad input. "
-        f"Exit status: 0 no anomaly, {EXIT_ANOMALIES} anomalies, 1 failure, 2 usage."
+        f"Exit status: 0 no anomaly, {EXIT_ANOMALIES} anomalies, 1 failure, 2 usage, "
+        "4 Kafka or PostgreSQL cannot be reached."
     )
     parser.add_argument("--since", type=_moment, help="RFC 3339: requests from this time")
     parser.add_argument("--until", type=_moment, help="RFC 3339: requests before this time")

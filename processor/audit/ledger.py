@@ -219,7 +219,14 @@ async def _history(
                     {**base, "prior": w.get("prior"), "new": w.get("new")}
                 )
                 touched = True
-        if not touched and row["entity"] == entity and record_id in (None, row["record_id"]):
+        # A request about the entity itself (retrieve_entity) names no record: it belongs to
+        # no record's history.
+        if (
+            not touched
+            and row["record_id"]
+            and row["entity"] == entity
+            and record_id in (None, row["record_id"])
+        ):
             records[(entity, row["record_id"])].append(base)
     for rec in auditor.history_records:
         if rec.request_id in ledgered or rec.entity is None or rec.record_id is None:

@@ -173,9 +173,11 @@ def coverage(report: AuditReport) -> dict[str, list[str]]:
     if c["rejected_without_id"]:
         rejected += f" ({c['rejected_without_id']:,} without a request_id)"
     judged = [
+        # the records split into requests and rejections first, then the ids they carry
+        # (a rejected record's id counts too: "4 requests (5 distinct ids)" read as a miscount)
         f"{_n(c['request_records'], 'request record')} of {s['request_topic']} "
-        f"({s['range']}): {_n(c['requests'], 'request')} "
-        f"({_n(c['request_ids'], 'distinct request_id')}), {rejected}",
+        f"({s['range']}): {_n(c['requests'], 'request')}, {rejected} "
+        f"({_n(c['request_ids'], 'distinct request_id')})",
         f"{_n(c['replies'], 'reply', 'replies')} to them ({c['republished']:,} republished "
         "copies): the expected number, each equal to its ledger row",
         f"{_n(c['dead_letters'], 'dead letter')} for them: one for each bad input",

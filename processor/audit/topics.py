@@ -367,5 +367,11 @@ def _describe_range(
             f"since {options.since.isoformat() if options.since else '-'} "
             f"until {options.until.isoformat() if options.until else '-'}"
         )
-    described = ", ".join(f"p{p} {a}-{b}" for p, (a, b) in sorted(spans.items())) or "nothing"
+    # END is exclusive, as in --offsets: an empty partition read as "0-0" looked like one record.
+    described = (
+        ", ".join(
+            f"p{p} empty" if a == b else f"p{p} {a}-{b}" for p, (a, b) in sorted(spans.items())
+        )
+        or "nothing"
+    )
     return f"{how}: {described}" + ("" if complete or not full else " (truncated)")

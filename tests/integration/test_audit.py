@@ -611,8 +611,22 @@ async def test_a_record_history_is_a_query_not_failed_by_anomalies_elsewhere(
     scenario: Scenario, pg: asyncpg.Connection
 ) -> None:
     s = scenario
-    await shared_ledger(s, pg)
+    _, mine = await shared_ledger(s, pg)
     ledger = f"{s.schema}.request_ledger"
+    # A request about the entity itself names no record: the entity's history lists its
+    # records only (it showed as a record "acct " with an empty id).
+    meta = {"type": "retrieve_entity", "request_id": f"{s.run}-meta", "entity": "acct"}
+    await process(s, [meta], len(mine) + 1)
+    done = run_cli(s, "--entity", "acct")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if line.startswith("  acct")] == [
+        "  acct 1: version chain ok",
+        "  acct 2: version chain ok",
+        "  acct 3: version chain not judged",
+        "  acct 4: version chain not judged",
+    ], done.stdout
+    assert f"{s.run}-meta" not in done.stdout
+
     # An anomaly outside acct 2's history: acct 1's last reply is no longer the ledger's.
     target = f"{s.run}-1-2"
     await pg.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from processor.audit import (
     REPLY_WITHOUT_REQUEST,
     SPURIOUS_DEAD_LETTER,
     UNANSWERED_BAD_INPUT,
+    AuditOptions,
     Auditor,
     RequestRecord,
     Write,
@@ -28,6 +30,8 @@ from processor.audit import (
     read_reply,
     read_request,
 )
+from processor.audit.report import coverage
+from processor.audit.topics import _describe_range
 from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
 from processor.errors import (
     ConfigError,
@@ -586,3 +590,21 @@ def test_a_history_renders_deletes_and_reply_counts_and_only_its_own_anomalies()
     assert not report.history_ok
     assert "history: 1 anomaly in it" in report.render()
     assert "no other anomaly" in report.render()
+
+
+def test_an_empty_partition_in_the_range_reads_as_empty() -> None:
+    spans = {0: (0, 0), 1: (0, 3), 2: (5, 5)}
+    assert (
+        _describe_range(AuditOptions(), spans, full=True, complete=True)
+        == "everything: p0 empty, p1 0-3, p2 empty"
+    )
+
+
+def test_the_first_judged_line_splits_the_records_before_counting_their_ids() -> None:
+    counts: defaultdict[str, int] = defaultdict(int)
+    counts.update(request_records=5, requests=4, rejected=1, request_ids=5)
+    judged = coverage(_report(counts=counts))["judged"]
+    assert judged[0] == (
+        "5 request records of requests (everything: p0 0-1): 4 requests, 1 rejected at intake "
+        "(5 distinct request_ids)"
+    )

@@ -4,7 +4,11 @@ the command, --version, and the README's command and exit-status tables."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -50,6 +54,19 @@ def test_every_command_explains_itself_and_every_option_has_help(
     assert "Exit status" in text
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_no_option_shows_an_empty_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty string is no default to show (audit's --replayed-groups read "(default: )")."""
+    assert "(default: )" not in _help(capsys, command)
+
+
+def test_the_audits_own_exit_statuses_include_an_unreachable_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    description = " ".join(_help(capsys, "audit").split("options:")[0].split())
+    assert "1 failure, 2 usage, 4 Kafka or PostgreSQL cannot be reached." in description
+
+
 @pytest.mark.parametrize("command", ["run", "migrate", "topics", "demo"])
 def test_the_commands_that_had_an_empty_help_say_what_they_do(
     command: str, capsys: pytest.CaptureFixture[str]
@@ -90,6 +107,48 @@ def test_a_setting_after_the_command_reaches_the_settings(
     assert err == (
         "processor: configuration error: --lanes='abc': must be a whole number from 1 to 256\n"
     )
+
+
+#: The entry point, then one log line: what format did the command's settings give it?
+LOG_AFTER_MAIN = """
+import sys
+from processor import cli
+from processor.log import get_logger
+cli.main(sys.argv[1:])
+get_logger("processor.test").info("after main", n=1)
+"""
+
+
+def _log_line_after(*argv: str, **env: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", LOG_AFTER_MAIN, *argv, "schemas", "--check"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    (line,) = [x for x in done.stderr.splitlines() if "after main" in x]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [((), {"PROCESSOR_LOG_FORMAT": "console"}), (("--log-format", "console"), {})],
+    ids=["variable", "flag"],
+)
+def test_the_log_format_setting_reaches_the_logs(
+    argv: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """PROCESSOR_LOG_FORMAT=console (or the flag) gives text lines, not JSON (a merge had
+    dropped it: the setting was read, checked, and ignored)."""
+    line = _log_line_after(*argv, **env)
+    assert not line.startswith("{"), line
+    assert "after main" in line
+    assert "n=1" in line
+    default = json.loads(_log_line_after())
+    assert (default["event"], default["n"], default["level"]) == ("after main", 1, "info")
 
 
 def test_processor_version(capsys: pytest.CaptureFixture[str]) -> None:
