@@ -8,7 +8,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,12 @@ class FaultRecord:
         return None if self.recovered is None else max(0.0, self.recovered - self.started)
 
 
-class Chaos:
-    """Injects the faults and waits for the recovery of each."""
+class Faults:
+    """What each fault does: inject it, heal it, and say what was done.
+
+    Every draw (which worker, how long) comes from ``rng``, the run's seeded generator of
+    faults, in the order the faults happen: a seed replays the same faults.
+    """
 
     def __init__(
         self,
@@ -57,22 +61,44 @@ class Chaos:
         stack: PrivateStack,
         workers: Workers,
         proxy: Proxy,
-        load: Load,
+        request_topic: str,
     ) -> None:
         self.cfg = cfg
         self.stack = stack
         self.workers = workers
         self.proxy = proxy
-        self.load = load
+        self.request_topic = request_topic
         self.rng = random.Random(cfg.seed + 1)
-        self.records: list[FaultRecord] = []
-        self.current = "warm-up"
         self.remove_codes: list[int] = []
         self._zombie: tuple[int, float, float] | None = None  # (worker, fenced, assignments)
         self.overlaps = 0
+        kafka_link = f"workers <-> kafka-{ROUTED_NODE}: "
+        self._acts: dict[str, Callable[[], Awaitable[str]]] = {
+            "worker-kill9": self._worker_kill9,
+            "worker-zombie": self._worker_zombie,
+            "worker-add": self._worker_add,
+            "worker-remove": self._worker_remove,
+            "kafka-kill9": self._kafka_kill9,
+            "postgres-immediate": lambda: self._postgres_stop(immediate=True),
+            "postgres-fast": lambda: self._postgres_stop(immediate=False),
+            "net-latency": lambda: self._latency(""),
+            "net-reset": lambda: self._resets(""),
+            "net-partition": lambda: self._partition("database"),
+            "broker-leader-kill9": self._broker_leader_kill9,
+            "broker-pause": self._broker_pause,
+            "kafka-net-latency": lambda: self._latency(kafka_link),
+            "kafka-net-reset": lambda: self._resets(kafka_link),
+            "kafka-net-partition": lambda: self._partition(f"kafka-{ROUTED_NODE}"),
+            "postgres-failover": self._postgres_failover,
+            "overlap": self._overlap,
+        }
 
-    def now(self) -> float:
-        return time.monotonic() - self.load.t0
+    async def act(self, kind: str) -> str:
+        """Inject one fault and heal it; what was done, in words."""
+        act = self._acts.get(kind)
+        if act is None:
+            raise AssertionError(kind)
+        return await act()
 
     async def _blocking(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.to_thread(fn)
@@ -95,149 +121,128 @@ class Chaos:
     def _hold(self, short: float, low: float, high: float) -> float:
         return short if self.cfg.short else self.rng.uniform(low, high)
 
-    async def _act(self, kind: str) -> str:
-        """Inject one fault and heal it; what was done, in words."""
+    async def _worker_kill9(self) -> str:
+        n = self._pick()
+        self.workers.kill9(n)
+        m = self.workers.start(self.workers.ids[n])
+        return f"worker {n} killed -9, restarted as worker {m} (same id)" + await self._joined(m)
+
+    async def _worker_zombie(self) -> str:
+        n = self._pick()
+        pause = self._hold(SESSION_TIMEOUT + 3, SESSION_TIMEOUT + 2, SESSION_TIMEOUT + 10)
+        self._zombie = (
+            n,
+            self.workers.metric(n, "processor_fenced_total") or 0.0,
+            self.workers.metric(n, "processor_assignments_total") or 0.0,
+        )
+        self.workers.pause(n)
+        await asyncio.sleep(pause)
+        self.workers.resume(n)
+        return f"worker {n} SIGSTOP for {pause:.1f}s, then SIGCONT"
+
+    async def _worker_add(self) -> str:
+        m = self.workers.start()
+        return f"worker {m} started ({len(self.workers.live())} live)" + await self._joined(m)
+
+    async def _worker_remove(self) -> str:
         detail = ""
-        if kind == "worker-kill9":
-            n = self._pick()
-            self.workers.kill9(n)
-            m = self.workers.start(self.workers.ids[n])
-            detail = (
-                f"worker {n} killed -9, restarted as worker {m} (same id)" + await self._joined(m)
-            )
-        elif kind == "worker-zombie":
-            n = self._pick()
-            pause = self._hold(SESSION_TIMEOUT + 3, SESSION_TIMEOUT + 2, SESSION_TIMEOUT + 10)
-            self._zombie = (
-                n,
-                self.workers.metric(n, "processor_fenced_total") or 0.0,
-                self.workers.metric(n, "processor_assignments_total") or 0.0,
-            )
-            self.workers.pause(n)
-            await asyncio.sleep(pause)
-            self.workers.resume(n)
-            detail = f"worker {n} SIGSTOP for {pause:.1f}s, then SIGCONT"
-        elif kind == "worker-add":
+        if len(self.workers.live()) <= 1:
             m = self.workers.start()
-            detail = f"worker {m} started ({len(self.workers.live())} live)" + await self._joined(m)
-        elif kind == "worker-remove":
-            if len(self.workers.live()) <= 1:
-                m = self.workers.start()
-                detail = f"only one worker: worker {m} started first; "
-                await asyncio.sleep(5)
-            n = self._pick()
-            code = await self._blocking(lambda: self.workers.terminate(n))
-            self.remove_codes.append(code)
-            detail += f"worker {n} SIGTERM, exited {code}"
-        elif kind == "kafka-kill9":
-            down = self._hold(2.0, 1.0, 8.0)
-            await self._blocking(lambda: self.stack.stop("kafka", immediate=True))
-            await asyncio.sleep(down)
-            await self._blocking(self.stack.up)
-            detail = f"broker SIGKILL, restarted after {down:.1f}s"
-        elif kind in ("postgres-immediate", "postgres-fast"):
-            immediate = kind == "postgres-immediate"
-            down = self._hold(2.0, 1.0, 8.0)
-            await self._blocking(lambda: self.stack.stop("postgres", immediate=immediate))
-            await asyncio.sleep(down)
-            await self._blocking(self.stack.up)
-            detail = (
-                f"pg_ctl stop -m {'immediate' if immediate else 'fast'}, started after {down:.1f}s"
-            )
-        elif kind == "net-latency":
-            delay = self._hold(0.1, 0.02, 0.3)
-            hold = self._hold(6.0, 4.0, 15.0)
-            self.proxy.set_latency(delay)
-            await asyncio.sleep(hold)
-            self.proxy.set_latency(0.0)
-            detail = f"{delay * 1000:.0f} ms per chunk for {hold:.1f}s"
-        elif kind == "net-reset":
-            share = self._hold(0.3, 0.1, 0.5)
-            hold = self._hold(6.0, 4.0, 15.0)
-            before = self.proxy.resets
-            self.proxy.set_reset(share)
-            await asyncio.sleep(hold)
-            self.proxy.set_reset(0.0)
-            detail = f"{share:.0%} per second for {hold:.1f}s: {self.proxy.resets - before} resets"
-        elif kind == "net-partition":
-            hold = self._hold(6.0, 3.0, 20.0)
-            self.proxy.set_partition(True)
-            await asyncio.sleep(hold)
-            self.proxy.set_partition(False)
-            detail = f"workers <-/-> database for {hold:.1f}s"
-        elif kind == "broker-leader-kill9":
-            node, led = await self._busiest_leader()
-            down = self._hold(2.0, 1.0, 8.0)
-            await self._blocking(lambda: self.stack.stop(f"kafka-{node}", immediate=True))
-            await asyncio.sleep(down)
-            await self._blocking(self.stack.up)
-            detail = f"kafka-{node} (leader of {led}) SIGKILL, restarted after {down:.1f}s"
-        elif kind == "broker-pause":
-            node, led = await self._busiest_leader()
-            hold = self._hold(6.0, 4.0, 15.0)
-            pid = int(self.stack.status()["nodes"][f"kafka-{node}"]["pid"])
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await asyncio.sleep(hold)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            detail = f"kafka-{node} (leader of {led}) SIGSTOP for {hold:.1f}s, then SIGCONT"
-        elif kind == "kafka-net-latency":
-            delay = self._hold(0.1, 0.02, 0.3)
-            hold = self._hold(6.0, 4.0, 15.0)
-            self.proxy.set_latency(delay)
-            await asyncio.sleep(hold)
-            self.proxy.set_latency(0.0)
-            detail = (
-                f"workers <-> kafka-{ROUTED_NODE}: {delay * 1000:.0f} ms per chunk for {hold:.1f}s"
-            )
-        elif kind == "kafka-net-reset":
-            share = self._hold(0.3, 0.1, 0.5)
-            hold = self._hold(6.0, 4.0, 15.0)
-            before = self.proxy.resets
-            self.proxy.set_reset(share)
-            await asyncio.sleep(hold)
-            self.proxy.set_reset(0.0)
-            detail = (
-                f"workers <-> kafka-{ROUTED_NODE}: {share:.0%} per second for {hold:.1f}s: "
-                f"{self.proxy.resets - before} resets"
-            )
-        elif kind == "kafka-net-partition":
-            hold = self._hold(6.0, 3.0, 20.0)
-            self.proxy.set_partition(True)
-            await asyncio.sleep(hold)
-            self.proxy.set_partition(False)
-            detail = f"workers <-/-> kafka-{ROUTED_NODE} for {hold:.1f}s"
-        elif kind == "postgres-failover":
-            before = self.stack.status()["primary"]
-            took = time.monotonic()
-            await self._blocking(lambda: self.stack.run("failover"))
-            took = time.monotonic() - took
-            after = self.stack.status()["primary"]
-            detail = (
-                f"{before} (primary) SIGKILL, {after} promoted, {before} rebuilt as the "
-                f"standby (pg_basebackup), {took:.1f}s"
-            )
-        elif kind == "overlap":
-            first, second = (
-                OVERLAPS[self.overlaps % len(OVERLAPS)]
-                if self.cfg.short
-                else self.rng.choice(OVERLAPS)
-            )
-            self.overlaps += 1
-            lag = self._hold(1.0, 0.5, 4.0)
+            detail = f"only one worker: worker {m} started first; "
+            await asyncio.sleep(5)
+        n = self._pick()
+        code = await self._blocking(lambda: self.workers.terminate(n))
+        self.remove_codes.append(code)
+        return detail + f"worker {n} SIGTERM, exited {code}"
 
-            async def later() -> str:
-                await asyncio.sleep(lag)
-                return await self._act(second)
+    async def _down_a_while(self, service: str, *, immediate: bool) -> float:
+        """Stop ``service`` of the stack, and ``ops/stack up`` after a drawn while; the while."""
+        down = self._hold(2.0, 1.0, 8.0)
+        await self._blocking(lambda: self.stack.stop(service, immediate=immediate))
+        await asyncio.sleep(down)
+        await self._blocking(self.stack.up)
+        return down
 
-            one, two = await asyncio.gather(self._act(first), later())
-            detail = f"{first} [{one}] and, {lag:.1f}s later, {second} [{two}]"
-        else:
-            raise AssertionError(kind)
-        return detail
+    async def _kafka_kill9(self) -> str:
+        down = await self._down_a_while("kafka", immediate=True)
+        return f"broker SIGKILL, restarted after {down:.1f}s"
 
-    def _take_zombie(self) -> tuple[int, float, float] | None:
+    async def _postgres_stop(self, *, immediate: bool) -> str:
+        down = await self._down_a_while("postgres", immediate=immediate)
+        return f"pg_ctl stop -m {'immediate' if immediate else 'fast'}, started after {down:.1f}s"
+
+    async def _broker_leader_kill9(self) -> str:
+        node, led = await self._busiest_leader()
+        down = await self._down_a_while(f"kafka-{node}", immediate=True)
+        return f"kafka-{node} (leader of {led}) SIGKILL, restarted after {down:.1f}s"
+
+    async def _broker_pause(self) -> str:
+        node, led = await self._busiest_leader()
+        hold = self._hold(6.0, 4.0, 15.0)
+        pid = int(self.stack.status()["nodes"][f"kafka-{node}"]["pid"])
+        await self._held(hold, lambda: os.kill(pid, signal.SIGSTOP), os.kill, pid, signal.SIGCONT)
+        return f"kafka-{node} (leader of {led}) SIGSTOP for {hold:.1f}s, then SIGCONT"
+
+    async def _held(
+        self, hold: float, strike: Callable[[], object], heal: Callable[..., object], *args: Any
+    ) -> None:
+        """``strike()``, ``hold`` seconds, then ``heal(*args)`` (also when cancelled: a run
+        that stops mid-fault leaves no proxy cut and no broker stopped)."""
+        strike()
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            heal(*args)
+
+    # The proxy's faults: the one proxy stands in front of PostgreSQL, or of a Kafka node in
+    # the cluster form; ``link`` says which in the detail.
+
+    async def _latency(self, link: str) -> str:
+        delay = self._hold(0.1, 0.02, 0.3)
+        hold = self._hold(6.0, 4.0, 15.0)
+        await self._held(hold, lambda: self.proxy.set_latency(delay), self.proxy.set_latency, 0.0)
+        return f"{link}{delay * 1000:.0f} ms per chunk for {hold:.1f}s"
+
+    async def _resets(self, link: str) -> str:
+        share = self._hold(0.3, 0.1, 0.5)
+        hold = self._hold(6.0, 4.0, 15.0)
+        before = self.proxy.resets
+        await self._held(hold, lambda: self.proxy.set_reset(share), self.proxy.set_reset, 0.0)
+        return f"{link}{share:.0%} per second for {hold:.1f}s: {self.proxy.resets - before} resets"
+
+    async def _partition(self, peer: str) -> str:
+        hold = self._hold(6.0, 3.0, 20.0)
+        await self._held(
+            hold, lambda: self.proxy.set_partition(True), self.proxy.set_partition, False
+        )
+        return f"workers <-/-> {peer} for {hold:.1f}s"
+
+    async def _postgres_failover(self) -> str:
+        before = self.stack.status()["primary"]
+        took = time.monotonic()
+        await self._blocking(lambda: self.stack.run("failover"))
+        took = time.monotonic() - took
+        after = self.stack.status()["primary"]
+        return (
+            f"{before} (primary) SIGKILL, {after} promoted, {before} rebuilt as the "
+            f"standby (pg_basebackup), {took:.1f}s"
+        )
+
+    async def _overlap(self) -> str:
+        first, second = (
+            OVERLAPS[self.overlaps % len(OVERLAPS)] if self.cfg.short else self.rng.choice(OVERLAPS)
+        )
+        self.overlaps += 1
+        lag = self._hold(1.0, 0.5, 4.0)
+
+        async def later() -> str:
+            await asyncio.sleep(lag)
+            return await self.act(second)
+
+        one, two = await asyncio.gather(self.act(first), later())
+        return f"{first} [{one}] and, {lag:.1f}s later, {second} [{two}]"
+
+    def take_zombie(self) -> tuple[int, float, float] | None:
         """The zombie the last fault made (worker, fenced and assignments before), once."""
         zombie, self._zombie = self._zombie, None
         return zombie
@@ -250,7 +255,7 @@ class Chaos:
             await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
             try:
                 topics = await asyncio.wait_for(
-                    admin.describe_topics([self.load.request_topic]), kafka.CALL_TIMEOUT
+                    admin.describe_topics([self.request_topic]), kafka.CALL_TIMEOUT
                 )
             finally:
                 await admin.close()
@@ -263,11 +268,27 @@ class Chaos:
         node = self.rng.choice(sorted(n for n, c in leaders.items() if c == most))
         return int(node), f"{most} request partition{'s' if most > 1 else ''}"
 
+
+class Chaos:
+    """Injects the faults in their order and waits for the recovery of each."""
+
+    def __init__(self, faults: Faults, load: Load) -> None:
+        self.faults = faults
+        self.cfg = faults.cfg
+        self.workers = faults.workers
+        self.rng = faults.rng  # the schedule draws from the faults' generator, as they do
+        self.load = load
+        self.records: list[FaultRecord] = []
+        self.current = "warm-up"
+
+    def now(self) -> float:
+        return time.monotonic() - self.load.t0
+
     async def inject(self, kind: str) -> FaultRecord:
         self.current = kind
         started = self.now()
-        detail = await self._act(kind)
-        zombie_seen = self._take_zombie()
+        detail = await self.faults.act(kind)
+        zombie_seen = self.faults.take_zombie()
         healed = self.now()
         record = FaultRecord(kind, started, healed, detail=detail)
         self.records.append(record)

@@ -42,6 +42,57 @@ from processor.errors import (
 )
 from processor.tools.stats import zipf_weights
 
+#: A hostile record: (kind, value, key, headers, readable request_id, expected fault code).
+HostileRecord = tuple[
+    str, bytes | None, bytes | None, list[tuple[str, bytes]], str | None, int | None
+]
+
+
+def hostile_record(rng: random.Random, row: int) -> HostileRecord:
+    """One record a careless or hostile producer might send about ``row``, drawn from
+    ``rng``: garbage, a tombstone, a wrong type, a bad id, an oversize value, an unknown
+    entity or attribute."""
+    rid = f"hostile-{uuid.uuid4().hex}"
+    kind = rng.choice(
+        (
+            "garbage",
+            "tombstone",
+            "wrong-type",
+            "bad-id",
+            "oversize",
+            "unknown-entity",
+            "unknown-attribute",
+        )
+    )
+    key = record_key("counter", row)
+    if kind == "garbage":
+        return kind, bytes(rng.randrange(256) for _ in range(64)), key, [], None, None
+    if kind == "tombstone":
+        return kind, None, key, [], None, None
+    if kind == "oversize":
+        value = b"x" * (MAX_MESSAGE_BYTES + 1000)
+        return kind, value, key, [("request_id", rid.encode())], rid, RequestTooLarge.code
+    body: dict[str, Any] = {
+        "type": "update",
+        "request_id": rid,
+        "entity": "counter",
+        "id": row,
+        "attributes": {"n": 1},
+    }
+    code = InvalidArgument.code
+    if kind == "wrong-type":
+        body["attributes"] = {"n": "lots"}
+    elif kind == "bad-id":
+        body["id"] = 1.5
+    elif kind == "unknown-entity":
+        body["entity"] = "no_such_entity"
+        key = record_key("no_such_entity", row)
+        code = EntityNotFound.code
+    else:
+        body["attributes"] = {"no_such_column": 1}
+        code = -2147217149  # QueryBuilderNoAttribute
+    return kind, msgspec.json.encode(body), key, [], rid, code
+
 
 class Load:
     """Virtual clients sharing one Client; everything they did goes to ``history``."""
@@ -223,54 +274,8 @@ class Load:
         code = reply.fault.code if reply.fault else None
         return "missing" if code == ObjectDoesNotExist.code else "other-fault"
 
-    def hostile_record(
-        self,
-    ) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], str | None, int | None]:
-        """(kind, value, key, headers, readable request_id, expected fault code)."""
-        rid = f"hostile-{uuid.uuid4().hex}"
-        row = self._row()
-        kind = self.rng.choice(
-            (
-                "garbage",
-                "tombstone",
-                "wrong-type",
-                "bad-id",
-                "oversize",
-                "unknown-entity",
-                "unknown-attribute",
-            )
-        )
-        key = record_key("counter", row)
-        if kind == "garbage":
-            return kind, bytes(self.rng.randrange(256) for _ in range(64)), key, [], None, None
-        if kind == "tombstone":
-            return kind, None, key, [], None, None
-        if kind == "oversize":
-            value = b"x" * (MAX_MESSAGE_BYTES + 1000)
-            return kind, value, key, [("request_id", rid.encode())], rid, RequestTooLarge.code
-        body: dict[str, Any] = {
-            "type": "update",
-            "request_id": rid,
-            "entity": "counter",
-            "id": row,
-            "attributes": {"n": 1},
-        }
-        code = InvalidArgument.code
-        if kind == "wrong-type":
-            body["attributes"] = {"n": "lots"}
-        elif kind == "bad-id":
-            body["id"] = 1.5
-        elif kind == "unknown-entity":
-            body["entity"] = "no_such_entity"
-            key = record_key("no_such_entity", row)
-            code = EntityNotFound.code
-        else:
-            body["attributes"] = {"no_such_column": 1}
-            code = -2147217149  # QueryBuilderNoAttribute
-        return kind, msgspec.json.encode(body), key, [], rid, code
-
     async def hostile(self) -> str:
-        kind, value, key, headers, rid, code = self.hostile_record()
+        kind, value, key, headers, rid, code = hostile_record(self.rng, self._row())
         try:
             meta = await asyncio.wait_for(
                 self.producer.send_and_wait(self.request_topic, value, key=key, headers=headers),

@@ -104,7 +104,7 @@ def summarize(
         },
         "incidents": {
             "workers_exited_unexpectedly": {str(k): v for k, v in result["crashed"].items()},
-            "worker_remove_exit_codes": chaos.remove_codes,
+            "worker_remove_exit_codes": chaos.faults.remove_codes,
             "quiet": result["quiet_why"],
             "quiet_settled": result["quiet_ok"],
         },

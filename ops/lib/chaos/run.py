@@ -11,7 +11,7 @@ from typing import Any
 
 from ops.lib.chaos.check import observe, prepare_rows, quiet, stale_versions
 from ops.lib.chaos.config import MAX_MESSAGE_BYTES, ROUTED_NODE, Config, SetupError, say
-from ops.lib.chaos.faults import Chaos
+from ops.lib.chaos.faults import Chaos, Faults
 from ops.lib.chaos.load import Load
 from ops.lib.chaos.private_stack import PrivateStack, topics_visible
 from ops.lib.chaos.proxy import Proxy
@@ -115,7 +115,7 @@ async def run(
             except ProcessorError as exc:
                 raise SetupError(str(exc)) from None
             load = Load(cfg, client, hostile_producer, settings.request_topic, stale, history)
-            chaos = Chaos(cfg, stack, workers, proxy, load)
+            chaos = Chaos(Faults(cfg, stack, workers, proxy, settings.request_topic), load)
             stop = asyncio.Event()
             ticker = asyncio.create_task(progress(cfg, load, chaos, workers, stop))
             say(
