@@ -75,14 +75,6 @@ def processor_env(env: Env, t: Topics, c: Contender) -> dict[str, str]:
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(slots=True)
 class Topics:
     requests: str

@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,7 +23,6 @@ from ops.lib.bench.contenders import (
     Topics,
     check_database,
     costs,
-    free_port,
     mark,
     start_contender,
     stop_procs,
@@ -38,6 +38,7 @@ from ops.lib.bench.topics import (
     wait_group,
 )
 from ops.lib.bench.workload import Plan, Workload, say
+from ops.lib.common import free_ports
 from processor.tools.stats import percentile
 
 
@@ -48,6 +49,47 @@ def describe(c: Contender) -> dict[str, Any]:
         "max_batch": c.max_batch,
         "baseline": c.baseline.rev if c.baseline else None,
     }
+
+
+def _start_measured(
+    env: Env, c: Contender, t: Topics, result: Result, log_level: str | None
+) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
+    """Start the contender, a metrics port for each processor worker (its transactions and
+    phases are read there); the log files it writes go into ``result``."""
+    ports = free_ports(c.workers) if c.kind == "processor" else []
+    first_log = len(env.logs)
+    procs = start_contender(env, c, t, metrics_ports=ports, log_level=log_level)
+    result.extra["logs"] = [str(p) for p in env.logs[first_log:]]
+    return ports, procs
+
+
+async def _live_run(
+    env: Env, c: Contender, plan: Plan, warmup: int
+) -> tuple[Topics, Collector, AIOKafkaProducer]:
+    """What a run that sends while the contender answers needs (load, idle): the rows reset,
+    fresh topics, a reply collector that skips the ``warmup`` first replies, and a started
+    producer of one record at a time (no linger)."""
+    await reset_database(env, plan.workload.keys)
+    t = Topics.fresh(c.kind)
+    await create_topics(env, [t.requests, t.replies, t.dlq])
+    collector = Collector(
+        env, t.replies, plan, check_outcomes=not c.kind.startswith("kafka"), warmup=warmup
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.bootstrap, enable_idempotence=True, linger_ms=0
+    )
+    await producer.start()
+    return t, collector, producer
+
+
+def _latencies(result: Result, collector: Collector) -> Sequence[float]:
+    """The collector's reply latencies (s), their p50, p99 and max put in ``result`` (ms)."""
+    lat = collector.latencies
+    if lat:
+        result.p50_ms = percentile(lat, 50) * 1000
+        result.p99_ms = percentile(lat, 99) * 1000
+        result.max_ms = max(lat) * 1000
+    return lat
 
 
 async def drain(
@@ -68,10 +110,7 @@ async def drain(
     collector = Collector(
         env, t.replies, plan, check_outcomes=c.kind != "kafka" and c.kind != "kafka-txn"
     )
-    ports = [free_port() for _ in range(c.workers)] if c.kind == "processor" else []
-    first_log = len(env.logs)
-    procs = start_contender(env, c, t, metrics_ports=ports, log_level=log_level)
-    result.extra["logs"] = [str(p) for p in env.logs[first_log:]]
+    ports, procs = _start_measured(env, c, t, result, log_level)
     try:
         await wait_group(env, t.group, c.workers, procs, within=90)
         await collector.start()
@@ -236,20 +275,8 @@ async def load(
     result.offered = rate
     result.extra.update(describe(c), partitions=env.partitions)
     say(f"load: {c.name} at {rate:,.0f} req/s for {seconds:.0f}s")
-    await reset_database(env, workload.keys)
-    t = Topics.fresh(c.kind)
-    await create_topics(env, [t.requests, t.replies, t.dlq])
-    collector = Collector(
-        env, t.replies, plan, check_outcomes=not c.kind.startswith("kafka"), warmup=warmup
-    )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=env.bootstrap, enable_idempotence=True, linger_ms=0
-    )
-    await producer.start()
-    ports = [free_port() for _ in range(c.workers)] if c.kind == "processor" else []
-    first_log = len(env.logs)
-    procs = start_contender(env, c, t, metrics_ports=ports, log_level=log_level)
-    result.extra["logs"] = [str(p) for p in env.logs[first_log:]]
+    t, collector, producer = await _live_run(env, c, plan, warmup)
+    ports, procs = _start_measured(env, c, t, result, log_level)
     try:
         await wait_group(env, t.group, c.workers, procs, within=90)
         await collector.start()
@@ -291,11 +318,7 @@ async def load(
         stop_procs(procs)
         await collector.stop()
         await producer.stop()
-    lat = collector.latencies
-    if lat:
-        result.p50_ms = percentile(lat, 50) * 1000
-        result.p99_ms = percentile(lat, 99) * 1000
-        result.max_ms = max(lat) * 1000
+    _latencies(result, collector)
     if collector.received_at:
         span = max(collector.received_at) - t0
         result.seconds = span
@@ -323,16 +346,7 @@ async def idle(env: Env, c: Contender, workload: Workload, count: int) -> Result
     result = Result(c.name, "idle", plan.workload.describe(), requests=count)
     result.extra.update(describe(c), partitions=env.partitions)
     say(f"idle: {c.name}, one closed-loop client, {count} requests after {warmup}")
-    await reset_database(env, workload.keys)
-    t = Topics.fresh(c.kind)
-    await create_topics(env, [t.requests, t.replies, t.dlq])
-    collector = Collector(
-        env, t.replies, plan, check_outcomes=not c.kind.startswith("kafka"), warmup=warmup
-    )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=env.bootstrap, enable_idempotence=True, linger_ms=0
-    )
-    await producer.start()
+    t, collector, producer = await _live_run(env, c, plan, warmup)
     procs = start_contender(env, c, t)
     try:
         await wait_group(env, t.group, c.workers, procs, within=90)
@@ -363,11 +377,8 @@ async def idle(env: Env, c: Contender, workload: Workload, count: int) -> Result
         stop_procs(procs)
         await collector.stop()
         await producer.stop()
-    lat = collector.latencies
+    lat = _latencies(result, collector)
     if lat:
-        result.p50_ms = percentile(lat, 50) * 1000
-        result.p99_ms = percentile(lat, 99) * 1000
-        result.max_ms = max(lat) * 1000
         result.throughput = len(lat) / max(result.seconds, 1e-9)
     costs(env, result, start, end, count)
     if result.ok:

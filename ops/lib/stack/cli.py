@@ -4,12 +4,22 @@ cluster commands."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from ops.lib.stack.cluster import Cluster
-from ops.lib.stack.cluster_commands import cluster_main
+from ops.lib.stack.cluster import Cluster, check_cluster_ports, promote
+from ops.lib.stack.cluster_commands import (
+    cmd_cluster_down,
+    cmd_cluster_env,
+    cmd_cluster_logs,
+    cmd_cluster_status,
+    cmd_cluster_up,
+    cmd_cluster_wait,
+    cmd_failover,
+)
 from ops.lib.stack.config import (
     CLUSTER_SERVICES,
     DEFAULT_PORTS,
@@ -20,6 +30,7 @@ from ops.lib.stack.config import (
     TLS_CLIENT_AUTH,
     StackError,
     load_stack,
+    locked,
     rel,
     say,
     tail,
@@ -113,6 +124,77 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+@dataclass(frozen=True, slots=True)
+class Commands:
+    """The commands both forms have, bound to one stack (single-node or cluster)."""
+
+    up: Callable[[float], int]
+    down: Callable[..., int]  # (immediate[, services])
+    status: Callable[[bool], int]
+    env: Callable[[bool, bool], int]
+    logs: Callable[[str | None, bool, int], int]
+    wait: Callable[[float], int]
+
+    @classmethod
+    def of(cls, target: object, *commands: Callable[..., int]) -> Commands:
+        """``commands`` (up, down, status, env, logs, wait, in this order) bound to ``target``."""
+        return cls(*(functools.partial(command, target) for command in commands))
+
+
+def both_forms(args: argparse.Namespace, commands: Commands) -> int | None:
+    """Run ``args.command`` if both forms have it; None if it is one form's own."""
+    command: str = args.command
+    if command == "up":
+        return commands.up(args.timeout)
+    if command == "down":
+        return commands.down(args.immediate)
+    if command == "stop":
+        return commands.down(args.immediate, [args.service])
+    if command == "restart":
+        commands.down(args.immediate, [args.service])
+        return commands.up(args.timeout)
+    if command == "status":
+        return commands.status(args.json)
+    if command == "env":
+        return commands.env(args.json, args.sasl_ssl)
+    if command == "logs":
+        return commands.logs(args.service, args.follow, args.lines)
+    if command == "wait":
+        return commands.wait(args.timeout)
+    return None
+
+
+def cluster_main(cluster: Cluster, args: argparse.Namespace) -> int:
+    command: str = args.command
+    if cluster.base.kafka_sasl_ssl_port is not None:
+        raise StackError("the cluster has no SASL_SSL listener: use the single-node stack for it")
+    check_cluster_ports(cluster)
+    done = both_forms(
+        args,
+        Commands.of(
+            cluster,
+            cmd_cluster_up,
+            cmd_cluster_down,
+            cmd_cluster_status,
+            cmd_cluster_env,
+            cmd_cluster_logs,
+            cmd_cluster_wait,
+        ),
+    )
+    if done is not None:
+        return done
+    if command == "promote":
+        with locked(cluster.dir / "stack.lock"):
+            promote(cluster, int(args.service.removeprefix("postgres-")))
+        return 0
+    if command == "failover":
+        return cmd_failover(cluster, not args.no_rebuild, args.timeout)
+    if command == "fetch":
+        kafka_libs()
+        return 0
+    raise AssertionError(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -123,23 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = getattr(args, "service", None)
         if command in {"promote", "failover"} or service not in (None, *SERVICES):
             raise StackError(f"`{command} {service or ''}` needs a cluster stack (--cluster)")
-        if command == "up":
-            return cmd_up(stack, args.timeout)
-        if command == "down":
-            return cmd_down(stack, args.immediate)
-        if command == "stop":
-            return cmd_down(stack, args.immediate, [args.service])
-        if command == "restart":
-            cmd_down(stack, args.immediate, [args.service])
-            return cmd_up(stack, args.timeout)
-        if command == "status":
-            return cmd_status(stack, args.json)
-        if command == "env":
-            return cmd_env(stack, args.json, args.sasl_ssl)
-        if command == "logs":
-            return cmd_logs(stack, args.service, args.follow, args.lines)
-        if command == "wait":
-            return cmd_wait(stack, args.timeout)
+        done = both_forms(
+            args,
+            Commands.of(stack, cmd_up, cmd_down, cmd_status, cmd_env, cmd_logs, cmd_wait),
+        )
+        if done is not None:
+            return done
         if command == "fetch":
             libs = kafka_libs()
             say(f"Kafka {kafka_version()} jars present ({rel(libs)})")

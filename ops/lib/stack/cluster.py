@@ -25,8 +25,9 @@ from ops.lib.stack.config import (
     Stack,
     StackError,
     say,
+    settings_file,
 )
-from ops.lib.stack.kafka_node import new_cluster_id, start_kafka
+from ops.lib.stack.kafka_node import BROKER_COMMON, new_cluster_id, start_kafka
 from ops.lib.stack.postgres import (
     chown_tree,
     ensure_traversable,
@@ -189,20 +190,12 @@ def cluster_server_properties(cluster: Cluster, i: int) -> str:
         # a follower that stops fetching (paused, cut off) leaves the ISR after 10 s rather
         # than 30 s: acks=all writes wait for it at most that long
         "replica.lag.time.max.ms": "10000",
-        "group.initial.rebalance.delay.ms": "0",
-        "broker.heartbeat.interval.ms": "1000",
-        "broker.session.timeout.ms": "4000",
-        "auto.create.topics.enable": "false",
-        "num.partitions": "1",
-        "delete.topic.enable": "true",
-        "num.network.threads": "2",
+        **BROKER_COMMON,
         "num.io.threads": "2",
         "num.replica.fetchers": "1",
         "num.recovery.threads.per.data.dir": "1",
     }
-    lines = ["# written by ops/stack.py at every start (cluster node); edit there"]
-    lines += [f"{key}={value}" for key, value in settings.items()]
-    return "\n".join(lines) + "\n"
+    return settings_file(settings, "=", " (cluster node)")
 
 
 def start_kafka_node(cluster: Cluster, i: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import json
@@ -38,10 +37,10 @@ from ops.lib.stack.config import (
     locked,
     say,
 )
-from ops.lib.stack.kafka_node import java_cmd, kafka_libs, kafka_version, stop_kafka
+from ops.lib.stack.kafka_node import java_cmd, kafka_version, stop_kafka
 from ops.lib.stack.postgres import pg_bindir, start_postgres, stop_postgres
-from ops.lib.stack.procs import check_port_free, postgres_pid
-from ops.lib.stack.single import check_recorded_ports, endpoints_of, served_from_outside
+from ops.lib.stack.procs import check_port_free, in_parallel, postgres_pid
+from ops.lib.stack.single import check_recorded_ports, endpoints_of, print_env, served_from_outside
 from processor.tools.procs import children
 
 
@@ -133,16 +132,17 @@ def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
 def cmd_cluster_down(cluster: Cluster, immediate: bool, services: Sequence[str] = SERVICES) -> int:
     names = [n for s in services for n in cluster_nodes_named(s)]
     with locked(cluster.dir / "stack.lock"):
-        with ThreadPoolExecutor(len(names)) as pool:
-            futures = []
-            for name, node in cluster.named_kafka():
-                if name in names:
-                    futures.append(pool.submit(stop_kafka, node, immediate))
-            for name, node in cluster.named_pg():
-                if name in names:
-                    futures.append(pool.submit(stop_postgres, node, immediate))
-        for future in futures:
-            future.result()
+        stops: list[Callable[[], object]] = [
+            functools.partial(stop_kafka, node, immediate)
+            for name, node in cluster.named_kafka()
+            if name in names
+        ]
+        stops += [
+            functools.partial(stop_postgres, node, immediate)
+            for name, node in cluster.named_pg()
+            if name in names
+        ]
+        in_parallel(stops)
         left = {n: p for n, p in cluster_running(cluster).items() if p and n in names}
     if left:
         raise StackError(f"still running after stop: {left}")
@@ -210,44 +210,12 @@ def cmd_cluster_logs(cluster: Cluster, which: str | None, follow: bool, lines: i
     os.execvp("tail", ["tail", "-n", str(lines), *(["-F"] if follow else []), *present])  # noqa: S606
 
 
-def cluster_main(cluster: Cluster, args: argparse.Namespace) -> int:
-    command: str = args.command
-    if cluster.base.kafka_sasl_ssl_port is not None:
-        raise StackError("the cluster has no SASL_SSL listener: use the single-node stack for it")
-    check_cluster_ports(cluster)
-    if command == "up":
-        return cmd_cluster_up(cluster, args.timeout)
-    if command == "down":
-        return cmd_cluster_down(cluster, args.immediate)
-    if command == "stop":
-        return cmd_cluster_down(cluster, args.immediate, [args.service])
-    if command == "restart":
-        cmd_cluster_down(cluster, args.immediate, [args.service])
-        return cmd_cluster_up(cluster, args.timeout)
-    if command == "status":
-        return cmd_cluster_status(cluster, args.json)
-    if command == "env":
-        if args.sasl_ssl:
-            raise StackError("the cluster has no SASL_SSL listener")
-        values = endpoints_of(cluster.bootstrap, cluster.database_url())
-        print(
-            json.dumps(values)
-            if args.json
-            else "\n".join(f"export {k}={v}" for k, v in values.items())
-        )
-        return 0
-    if command == "logs":
-        return cmd_cluster_logs(cluster, args.service, args.follow, args.lines)
-    if command == "wait":
-        asyncio.run(wait_cluster(cluster, args.timeout))
-        return 0
-    if command == "promote":
-        with locked(cluster.dir / "stack.lock"):
-            promote(cluster, int(args.service.removeprefix("postgres-")))
-        return 0
-    if command == "failover":
-        return cmd_failover(cluster, not args.no_rebuild, args.timeout)
-    if command == "fetch":
-        kafka_libs()
-        return 0
-    raise AssertionError(command)
+def cmd_cluster_env(cluster: Cluster, as_json: bool, sasl_ssl: bool = False) -> int:
+    if sasl_ssl:
+        raise StackError("the cluster has no SASL_SSL listener")
+    return print_env(endpoints_of(cluster.bootstrap, cluster.database_url()), as_json)
+
+
+def cmd_cluster_wait(cluster: Cluster, timeout: float) -> int:
+    asyncio.run(wait_cluster(cluster, timeout))
+    return 0

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -350,3 +350,11 @@ PG_NODE_NAMES: Final = tuple(f"postgres-{j}" for j in range(1, PG_NODES + 1))
 
 
 CLUSTER_SERVICES: Final = (*SERVICES, *KAFKA_NODE_NAMES, *PG_NODE_NAMES)
+
+
+def settings_file(settings: Mapping[str, str], sep: str, what: str = "") -> str:
+    """A server's configuration file: one ``key<sep>value`` line a setting, under a line
+    that says who wrote it (server.properties: ``=``; postgresql.conf: `` = ``)."""
+    lines = [f"# written by ops/stack.py at every start{what}; edit there"]
+    lines += [f"{key}{sep}{value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from ops.lib.stack.config import (
     CACHE,
@@ -29,6 +30,7 @@ from ops.lib.stack.config import (
     locked,
     rel,
     say,
+    settings_file,
 )
 from ops.lib.stack.procs import kafka_pid, wait_gone
 
@@ -110,6 +112,22 @@ def kafka_libs(fetch: bool = True) -> Path:
     return libs
 
 
+#: What every node of the stack sets alike, single or in the cluster (in this order, so
+#: the written files stay as they were).
+BROKER_COMMON: Final = {
+    "group.initial.rebalance.delay.ms": "0",
+    # after a kill -9 the restarted node waits for its old incarnation's session to
+    # expire before it can register again (default 9 s): shorter, for fault tests
+    "broker.heartbeat.interval.ms": "1000",
+    "broker.session.timeout.ms": "4000",
+    # topics are created explicitly (`processor topics`, the tests)
+    "auto.create.topics.enable": "false",
+    "num.partitions": "1",
+    "delete.topic.enable": "true",
+    "num.network.threads": "2",
+}
+
+
 def server_properties(stack: Stack) -> str:
     settings = {
         # one KRaft node: broker and controller in one process
@@ -130,24 +148,13 @@ def server_properties(stack: Stack) -> str:
         "share.coordinator.state.topic.min.isr": "1",
         "default.replication.factor": "1",
         "min.insync.replicas": "1",
-        "group.initial.rebalance.delay.ms": "0",
-        # after a kill -9 the restarted node waits for its old incarnation's session to
-        # expire before it can register again (default 9 s): shorter, for fault tests
-        "broker.heartbeat.interval.ms": "1000",
-        "broker.session.timeout.ms": "4000",
-        # topics are created explicitly (`processor topics`, the tests)
-        "auto.create.topics.enable": "false",
-        "num.partitions": "1",
-        "delete.topic.enable": "true",
-        "num.network.threads": "2",
+        **BROKER_COMMON,
         "num.io.threads": "4",
         "num.recovery.threads.per.data.dir": "1",
     }
     if stack.kafka_sasl_ssl_port is not None:
         settings.update(sasl_ssl_properties(stack))
-    lines = ["# written by ops/stack.py at every start; edit there"]
-    lines += [f"{key}={value}" for key, value in settings.items()]
-    return "\n".join(lines) + "\n"
+    return settings_file(settings, "=")
 
 
 def sasl_ssl_properties(stack: Stack) -> dict[str, str]:

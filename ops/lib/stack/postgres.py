@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ops.lib.stack.config import HOST, PG_FALLBACK_USER, Stack, StackError, rel, say
+from ops.lib.stack.config import HOST, PG_FALLBACK_USER, Stack, StackError, rel, say, settings_file
 from ops.lib.stack.procs import postgres_pid, wait_gone
 from processor.tools.procs import children
 
@@ -145,9 +145,7 @@ def postgres_conf(stack: Stack, extra: dict[str, str] | None = None) -> str:
         "timezone": "'UTC'",
         **(extra or {}),
     }
-    lines = ["# written by ops/stack.py at every start; edit there"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
-    return "\n".join(lines) + "\n"
+    return settings_file(settings, " = ")
 
 
 def start_postgres(stack: Stack, extra_conf: dict[str, str] | None = None) -> None:

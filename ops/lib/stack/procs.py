@@ -7,7 +7,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ops.lib.stack.config import HOST, PORT_ENV, SASL_SSL_ENV, Stack, StackError
@@ -82,3 +83,14 @@ def check_port_free(stack: Stack, key: str, what: str) -> None:
                 + f", not by this stack (state dir {stack.dir}). Choose another port with "
                 f"--{key.replace('_', '-')} or {env}=PORT, or stop what holds it."
             ) from None
+
+
+def in_parallel(calls: Sequence[Callable[[], object]]) -> None:
+    """Run ``calls`` at once, one thread each (servers stop side by side, not one after the
+    other); the first failure is raised once all are done."""
+    if not calls:
+        return
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    for future in futures:
+        future.result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from ops.lib.stack.config import (
 )
 from ops.lib.stack.kafka_node import java_cmd, kafka_version, start_kafka, stop_kafka
 from ops.lib.stack.postgres import pg_bindir, start_postgres, stop_postgres
-from ops.lib.stack.procs import check_port_free, kafka_pid, postgres_pid
+from ops.lib.stack.procs import check_port_free, in_parallel, kafka_pid, postgres_pid
 from ops.lib.stack.readiness import wait_services
 
 
@@ -116,14 +117,10 @@ def cmd_up(stack: Stack, timeout: float) -> int:
 
 def cmd_down(stack: Stack, immediate: bool, services: Sequence[str] = SERVICES) -> int:
     with locked(stack.dir / "stack.lock"):
-        with ThreadPoolExecutor(2) as pool:
-            futures = []
-            if "kafka" in services:
-                futures.append(pool.submit(stop_kafka, stack, immediate))
-            if "postgres" in services:
-                futures.append(pool.submit(stop_postgres, stack, immediate))
-        for future in futures:
-            future.result()
+        stops = {"kafka": stop_kafka, "postgres": stop_postgres}
+        in_parallel(
+            [functools.partial(stops[s], stack, immediate) for s in SERVICES if s in services]
+        )
         left = {name: pid for name, pid in running(stack).items() if pid and name in services}
     if left:
         raise StackError(f"still running after stop: {left}")
@@ -145,6 +142,11 @@ def cmd_env(stack: Stack, as_json: bool, sasl_ssl: bool = False) -> int:
     values = endpoints(stack)
     if sasl_ssl:
         values = {**stack.sasl_ssl_settings(), "DATABASE_URL": values["DATABASE_URL"]}
+    return print_env(values, as_json)
+
+
+def print_env(values: dict[str, str], as_json: bool) -> int:
+    """The endpoints as one JSON object, or as ``export`` lines for a shell."""
     if as_json:
         print(json.dumps(values))
     else:
