@@ -55,7 +55,8 @@ async def progress(
 async def run(
     cfg: Config, stack: PrivateStack, netem: str | None, broker_proxy: Proxy | None = None
 ) -> dict[str, Any]:
-    logdir = cfg.workdir / "logs"
+    """The run on a started stack: its data, the workers, the load under faults, then the
+    check; the summary."""
     settings = Settings(
         kafka_bootstrap_servers=stack.bootstrap,
         database_url=stack.database_url(),
@@ -72,31 +73,7 @@ async def run(
     history = ClientHistory()
     await prepare_rows(stack.database_url(), cfg, history)
     stale = await stale_versions(stack.database_url(), list(history.initial))
-
-    if broker_proxy is not None:  # the cluster: the proxy is in front of one broker
-        proxy = broker_proxy
-        worker_bootstrap = str(stack.status()["routed_bootstrap"])
-        worker_database = stack.database_url()
-        where = f"kafka-{ROUTED_NODE} through the proxy on port {proxy.port}"
-    else:
-        proxy = Proxy(stack.pg_port, cfg.seed + 2)
-        worker_bootstrap = stack.bootstrap
-        worker_database = stack.database_url(proxy.start())
-        where = f"database through the proxy on port {proxy.port}"
-    worker_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
-    worker_env.update(
-        KAFKA_BOOTSTRAP_SERVERS=worker_bootstrap,
-        DATABASE_URL=worker_database,
-        PROCESSOR_ENTITIES=str(DEFAULT_REGISTRY),
-        PROCESSOR_METRICS_PORT="0",
-        PROCESSOR_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
-        PROCESSOR_LOG_LEVEL="info",
-    )
-    workers = Workers(worker_env, logdir)
-    for _ in range(cfg.workers):
-        workers.start()
-    say(f"{cfg.workers} workers started ({where})")
-
+    proxy, workers = start_workers(cfg, stack, broker_proxy)
     client = Client(
         stack.bootstrap,
         request_topic=settings.request_topic,
@@ -107,7 +84,6 @@ async def run(
         kafka.KafkaAccess(stack.bootstrap), max_request_size=4 * 1_048_576
     )
     await asyncio.wait_for(hostile_producer.start(), kafka.CALL_TIMEOUT)
-    result: dict[str, Any] = {}
     try:
         async with client:
             try:
@@ -116,46 +92,12 @@ async def run(
                 raise SetupError(str(exc)) from None
             load = Load(cfg, client, hostile_producer, settings.request_topic, stale, history)
             chaos = Chaos(Faults(cfg, stack, workers, proxy, settings.request_topic), load)
-            stop = asyncio.Event()
-            ticker = asyncio.create_task(progress(cfg, load, chaos, workers, stop))
-            say(
-                f"load: {cfg.clients} clients on {cfg.rows} rows (skew {cfg.skew:g}); warm-up "
-                f"{cfg.warmup:.0f}s, then faults"
-            )
-            clients = [asyncio.create_task(load.virtual_client()) for _ in range(cfg.clients)]
-            await asyncio.sleep(cfg.warmup)
-            baseline = load.rate(load.t0 + 1, time.monotonic())
-            faults_started = time.monotonic()
-            try:
-                await chaos.run(faults_started + cfg.duration)
-            finally:
-                faults_ended = time.monotonic()
-                proxy.heal()
-                for n in list(workers.paused):
-                    workers.resume(n)
-                load.running = False
-                load.give_up_at = time.monotonic() + cfg.settle_limit
-                say(
-                    f"faults done ({len(chaos.records)}); the load stops, in-flight requests settle"
-                )
-                await asyncio.gather(*clients)
-                stop.set()
-                await ticker
-            load_ended = time.monotonic()
-            crashed = workers.unexpected_exits()
+            result = await under_faults(cfg, load, chaos)
             say("quiet period: waiting for the group to drain and transactions to end")
-            quiet_ok, quiet_why = await quiet(settings, cfg.partitions, cfg.quiet_limit)
-            say(f"quiet: {quiet_why}")
-            result = {
-                "load": load,
-                "chaos": chaos,
-                "baseline": baseline,
-                "fault_phase_s": faults_ended - faults_started,
-                "load_s": load_ended - load.t0,
-                "quiet_ok": quiet_ok,
-                "quiet_why": quiet_why,
-                "crashed": crashed,
-            }
+            result["quiet_ok"], result["quiet_why"] = await quiet(
+                settings, cfg.partitions, cfg.quiet_limit
+            )
+            say(f"quiet: {result['quiet_why']}")
     finally:
         await asyncio.wait_for(hostile_producer.stop(), kafka.CALL_TIMEOUT)
         codes = await asyncio.to_thread(workers.stop_all)
@@ -176,3 +118,72 @@ async def run(
             f"the quiet period did not settle: {result['quiet_why']}"
         )
     return summarize(cfg, stack, netem, proxy, result, history, observed, audit, verdict)
+
+
+def start_workers(
+    cfg: Config, stack: PrivateStack, broker_proxy: Proxy | None
+) -> tuple[Proxy, Workers]:
+    """The proxy the network faults go through (in front of PostgreSQL, or of one broker
+    in the cluster form) and the workers behind it, started."""
+    if broker_proxy is not None:  # the cluster: the proxy is in front of one broker
+        proxy = broker_proxy
+        worker_bootstrap = str(stack.status()["routed_bootstrap"])
+        worker_database = stack.database_url()
+        where = f"kafka-{ROUTED_NODE} through the proxy on port {proxy.port}"
+    else:
+        proxy = Proxy(stack.pg_port, cfg.seed + 2)
+        worker_bootstrap = stack.bootstrap
+        worker_database = stack.database_url(proxy.start())
+        where = f"database through the proxy on port {proxy.port}"
+    worker_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
+    worker_env.update(
+        KAFKA_BOOTSTRAP_SERVERS=worker_bootstrap,
+        DATABASE_URL=worker_database,
+        PROCESSOR_ENTITIES=str(DEFAULT_REGISTRY),
+        PROCESSOR_METRICS_PORT="0",
+        PROCESSOR_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+        PROCESSOR_LOG_LEVEL="info",
+    )
+    workers = Workers(worker_env, cfg.workdir / "logs")
+    for _ in range(cfg.workers):
+        workers.start()
+    say(f"{cfg.workers} workers started ({where})")
+    return proxy, workers
+
+
+async def under_faults(cfg: Config, load: Load, chaos: Chaos) -> dict[str, Any]:
+    """The load through its warm-up and the faults, then stopped and its requests settled;
+    what the summary needs of it."""
+    workers, proxy = chaos.workers, chaos.faults.proxy
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(progress(cfg, load, chaos, workers, stop))
+    say(
+        f"load: {cfg.clients} clients on {cfg.rows} rows (skew {cfg.skew:g}); warm-up "
+        f"{cfg.warmup:.0f}s, then faults"
+    )
+    clients = [asyncio.create_task(load.virtual_client()) for _ in range(cfg.clients)]
+    await asyncio.sleep(cfg.warmup)
+    baseline = load.rate(load.t0 + 1, time.monotonic())
+    faults_started = time.monotonic()
+    try:
+        await chaos.run(faults_started + cfg.duration)
+    finally:
+        faults_ended = time.monotonic()
+        proxy.heal()
+        for n in list(workers.paused):
+            workers.resume(n)
+        load.running = False
+        load.give_up_at = time.monotonic() + cfg.settle_limit
+        say(f"faults done ({len(chaos.records)}); the load stops, in-flight requests settle")
+        await asyncio.gather(*clients)
+        stop.set()
+        await ticker
+    load_ended = time.monotonic()
+    return {
+        "load": load,
+        "chaos": chaos,
+        "baseline": baseline,
+        "fault_phase_s": faults_ended - faults_started,
+        "load_s": load_ended - load.t0,
+        "crashed": workers.unexpected_exits(),
+    }
