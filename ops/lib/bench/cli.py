@@ -133,7 +133,8 @@ def curve_set(text: str) -> frozenset[str]:
     return names
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """``ops/bench``'s flags."""
     parser = argparse.ArgumentParser(
         prog="ops/bench", description="Benchmark the processor against its ceilings and peers."
     )
@@ -197,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="RESULTS_JSON",
         help="only rewrite the report and plots from a run's results.json",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.idle_requests is not None and args.idle_requests < 0:
         parser.error("--idle-requests must be >= 0")

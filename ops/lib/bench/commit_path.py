@@ -9,6 +9,8 @@ from ops.lib.bench.runs import PHASE_NAMES
 from ops.lib.bench.text import fmt, per_transaction, ratio
 
 
+# Long (~100 lines): a third of it is the section's fixed prose and table headers; the
+# logic (columns, rows, new/old pairs) is the rest, kept next to the text it fills.
 def commit_path(results: dict[str, Any]) -> list[str]:
     """Old vs new commit path: the processor contenders of this run and of the runs given
     by --compare-with (e.g. the same comparison at another partition count)."""
@@ -175,6 +177,7 @@ def commit_path_targets(entries: list[dict[str, Any]], procs: list[dict[str, Any
     ]
 
 
+# Long (~80 lines): four small tables, one per curve, each its header and one row format.
 def curve_tables(results: dict[str, Any]) -> list[str]:
     curves = results["curves"]
     lines: list[str] = []

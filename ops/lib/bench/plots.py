@@ -9,6 +9,8 @@ from ops.lib.bench.text import per_transaction
 from ops.lib.bench.whole import by_offered_load
 
 
+# Long (~90 lines): one matplotlib figure after another, each a few lines of axes and
+# labels; split per figure it would pass the same results and directory five times.
 def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     import matplotlib
 

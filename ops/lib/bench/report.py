@@ -29,7 +29,87 @@ def report(
     by_name = {e["drain"].name: e for e in contenders}
     best_name = results["best_processor"]
     best = by_name.get(best_name) if best_name else None
-    lines = [
+    lines = _head(cfg, versions, command, started, finished_load, date)
+    lines += _result_rows(contenders, best_name, best)
+    failures = _failures(results)
+    lines += [""]
+    busy = [
+        (r.foreign_cores, r.name)
+        for e in contenders
+        for r in (e["drain"], e["load"])
+        if r is not None and r.foreign_cores is not None
+    ]
+    if busy and max(busy)[0] > 0.25:
+        lines += [
+            f"**The machine was not quiet**: other processes used up to {max(busy)[0]:.2f} "
+            f"cores (during {max(busy)[1]}); compare rows by their `other load`.",
+            "",
+        ]
+    if best:
+        lines += [f"The processor's best configuration: **{best_name}**.", ""]
+    lines += targets(results, by_name, best)
+    lines += commit_path(results)
+    if notes:
+        lines += ["## Findings", "", notes.strip(), ""]
+    lines += curve_tables(results)
+    if failures:
+        lines += ["", "## Correctness failures", ""]
+        lines += [f"- {name} ({kind}): {p}" for name, kind, p in failures]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({os.path.relpath(p, out.parent)})" for p in plots]
+    lines += _pgbench_runs(results["pgbench"])
+    return "\n".join(lines) + "\n"
+
+
+def targets(
+    results: dict[str, Any], by_name: dict[str, dict[str, Any]], best: dict[str, Any] | None
+) -> list[str]:
+    if best is None:
+        return []
+    d: Result = best["drain"]
+    lr: Result | None = best["load"]
+
+    def vs(name: str, factor: float) -> tuple[str, str, str]:
+        other = by_name.get(name)
+        if other is None or not other["drain"].ok or not d.ok:
+            return ("-", "n/a", "not measured or not correct")
+        r = d.throughput / max(other["drain"].throughput, 1e-9)
+        return (f"{r:.2f}x", "met" if r >= factor else "**missed**", "")
+
+    rows = []
+    for name, factor in (("naive", 10), ("faststream", 5), ("pgbench-cas", 1.0)):
+        got, verdict, note = vs(name, factor)
+        rows.append(f"| >= {factor:g}x {name} drain | {got} | {verdict} {note} |")
+    p99 = lr.p99_ms if lr else None
+    rows.append(
+        f"| p99 <= 25 ms at 50% of own drain | {fmt(p99, 1, ' ms')} | "
+        f"{'met' if p99 is not None and p99 <= 25 else '**missed**'} |"
+    )
+    backlog = [p["drain"] for p in results["curves"].get("backlog", []) if p["drain"]["ok"]]
+    if len(backlog) >= 2:
+        small, large = backlog[0], backlog[-1]
+        base = max(small["peak_rss_mb"] or 1, 1e-9)
+        growth = (large["peak_rss_mb"] or 0) / base - 1
+        spread = max(d["peak_rss_mb"] or 0 for d in backlog) / base - 1
+        rows.append(
+            f"| worker RSS flat (<= 20%) {small['requests']:,} -> {large['requests']:,} | "
+            f"{growth:+.0%} (largest on the curve {spread:+.0%}) | "
+            f"{'met' if growth <= 0.2 else '**missed**'} |"
+        )
+    return ["## Targets", "", "| target | processor | verdict |", "| --- | ---: | --- |", *rows, ""]
+
+
+def _head(
+    cfg: Config,
+    versions: dict[str, str],
+    command: str,
+    started: dict[str, str],
+    finished_load: str,
+    date: str,
+) -> list[str]:
+    """The report's machine, workload and the results table's header."""
+    return [
         "# Benchmarks",
         "",
         "Produced by `ops/bench` (ops/bench.py); do not edit by hand, run it again.",
@@ -75,6 +155,13 @@ def report(
         "processor ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+
+def _result_rows(
+    contenders: list[dict[str, Any]], best_name: str | None, best: dict[str, Any] | None
+) -> list[str]:
+    """One results row a contender: its drain and latency, costs, the ratio to the best."""
+    lines: list[str] = []
     top = best["drain"].throughput if best else None
     for e in contenders:
         d: Result = e["drain"]
@@ -92,6 +179,12 @@ def report(
             f"{fmt(d.commits_per_request, 3)} | {fmt(d.foreign_cores, 2)} | "
             f"{ratio(top, d.throughput) if ok and d.name != best_name else '-'} |"
         )
+    return lines
+
+
+def _failures(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(name, kind, problem) of every run that failed a correctness check, curves too."""
+    contenders = results["contenders"]
     failures = [
         (r.name, r.kind, p)
         for e in contenders
@@ -107,95 +200,37 @@ def report(
                     failures += [(r["name"], r["kind"], p) for p in r["problems"]]
             if "problems" in point:
                 failures += [(point["name"], point["kind"], p) for p in point["problems"]]
-    lines += [""]
-    busy = [
-        (r.foreign_cores, r.name)
-        for e in contenders
-        for r in (e["drain"], e["load"])
-        if r is not None and r.foreign_cores is not None
-    ]
-    if busy and max(busy)[0] > 0.25:
-        lines += [
-            f"**The machine was not quiet**: other processes used up to {max(busy)[0]:.2f} "
-            f"cores (during {max(busy)[1]}); compare rows by their `other load`.",
-            "",
-        ]
-    if best:
-        lines += [f"The processor's best configuration: **{best_name}**.", ""]
-    lines += targets(results, by_name, best)
-    lines += commit_path(results)
-    if notes:
-        lines += ["## Findings", "", notes.strip(), ""]
-    lines += curve_tables(results)
-    if failures:
-        lines += ["", "## Correctness failures", ""]
-        lines += [f"- {name} ({kind}): {p}" for name, kind, p in failures]
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{p.stem}]({os.path.relpath(p, out.parent)})" for p in plots]
-    if results["pgbench"]:
-        lines += [
-            "",
-            "## pgbench runs",
-            "",
-            "| script | clients | req/s | commits/req |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for r in results["pgbench"]:
-            lines.append(
-                f"| {r.name} | {r.extra['clients']} | {fmt(r.throughput)} | "
-                f"{fmt(r.commits_per_request, 3)} |"
-            )
-        lines += [
-            "",
-            "pgbench-cas:",
-            "",
-            "```sql",
-            PGBENCH_CAS.strip(),
-            "```",
-            "",
-            "pgbench-batch (100 rows per transaction):",
-            "",
-            "```sql",
-            PGBENCH_BATCH.strip(),
-            "```",
-        ]
-    return "\n".join(lines) + "\n"
+    return failures
 
 
-def targets(
-    results: dict[str, Any], by_name: dict[str, dict[str, Any]], best: dict[str, Any] | None
-) -> list[str]:
-    if best is None:
+def _pgbench_runs(runs: list[Result]) -> list[str]:
+    """The pgbench runs' table and their two scripts; nothing if pgbench did not run."""
+    if not runs:
         return []
-    d: Result = best["drain"]
-    lr: Result | None = best["load"]
-
-    def vs(name: str, factor: float) -> tuple[str, str, str]:
-        other = by_name.get(name)
-        if other is None or not other["drain"].ok or not d.ok:
-            return ("-", "n/a", "not measured or not correct")
-        r = d.throughput / max(other["drain"].throughput, 1e-9)
-        return (f"{r:.2f}x", "met" if r >= factor else "**missed**", "")
-
-    rows = []
-    for name, factor in (("naive", 10), ("faststream", 5), ("pgbench-cas", 1.0)):
-        got, verdict, note = vs(name, factor)
-        rows.append(f"| >= {factor:g}x {name} drain | {got} | {verdict} {note} |")
-    p99 = lr.p99_ms if lr else None
-    rows.append(
-        f"| p99 <= 25 ms at 50% of own drain | {fmt(p99, 1, ' ms')} | "
-        f"{'met' if p99 is not None and p99 <= 25 else '**missed**'} |"
-    )
-    backlog = [p["drain"] for p in results["curves"].get("backlog", []) if p["drain"]["ok"]]
-    if len(backlog) >= 2:
-        small, large = backlog[0], backlog[-1]
-        base = max(small["peak_rss_mb"] or 1, 1e-9)
-        growth = (large["peak_rss_mb"] or 0) / base - 1
-        spread = max(d["peak_rss_mb"] or 0 for d in backlog) / base - 1
-        rows.append(
-            f"| worker RSS flat (<= 20%) {small['requests']:,} -> {large['requests']:,} | "
-            f"{growth:+.0%} (largest on the curve {spread:+.0%}) | "
-            f"{'met' if growth <= 0.2 else '**missed**'} |"
+    lines = [
+        "",
+        "## pgbench runs",
+        "",
+        "| script | clients | req/s | commits/req |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r.name} | {r.extra['clients']} | {fmt(r.throughput)} | "
+            f"{fmt(r.commits_per_request, 3)} |"
         )
-    return ["## Targets", "", "| target | processor | verdict |", "| --- | ---: | --- |", *rows, ""]
+    lines += [
+        "",
+        "pgbench-cas:",
+        "",
+        "```sql",
+        PGBENCH_CAS.strip(),
+        "```",
+        "",
+        "pgbench-batch (100 rows per transaction):",
+        "",
+        "```sql",
+        PGBENCH_BATCH.strip(),
+        "```",
+    ]
+    return lines

@@ -117,6 +117,8 @@ def config(args: argparse.Namespace) -> Config:
 PHASES: Final = ("pgbench", "kafka", "naive", "faststream", "processor", "curves")
 
 
+# Long (~90 lines) on purpose: the benchmark's phases in the order they run, read top to
+# bottom in one place; each phase is a call (drain, load, idle, pgbench_best, curves).
 async def run_all(cfg: Config, env: Env, baseline: Baseline | None = None) -> dict[str, Any]:
     wanted = cfg.only or frozenset(PHASES)
     w = cfg.workload

@@ -23,6 +23,8 @@ from processor.chaos import (
 )
 
 
+# Long (~90 lines): most of it is the summary's JSON literal, every key of the report
+# (docs/chaos.md) in one place.
 def summarize(
     cfg: Config,
     stack: PrivateStack,
