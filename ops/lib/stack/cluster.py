@@ -37,7 +37,13 @@ from ops.lib.stack.postgres import (
     start_postgres,
 )
 from ops.lib.stack.procs import kafka_pid, postgres_pid, wait_gone
-from ops.lib.stack.readiness import ensure_database, kafka_answers, postgres_answers, wait_until
+from ops.lib.stack.readiness import (
+    ensure_database,
+    kafka_answers,
+    pg_fetch,
+    postgres_answers,
+    wait_until,
+)
 
 
 @dataclass(frozen=True)
@@ -332,17 +338,10 @@ def cluster_running(cluster: Cluster) -> dict[str, int | None]:
 
 async def sync_standby(cluster: Cluster) -> str | None:
     """None when the primary streams to a synchronous standby (commits can return)."""
-    import asyncpg
-
     url = cluster.pg_node(cluster.primary()).database_url("postgres")
-    try:
-        conn = await asyncpg.connect(url, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    try:
-        states = await conn.fetch("SELECT application_name, sync_state FROM pg_stat_replication")
-    finally:
-        await conn.close()
+    states = await pg_fetch(url, "SELECT application_name, sync_state FROM pg_stat_replication")
+    if isinstance(states, str):
+        return states
     if any(row["sync_state"] == "sync" for row in states):
         return None
     return f"no synchronous standby streaming yet ({[tuple(r) for r in states]})"

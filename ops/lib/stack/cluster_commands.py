@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ops.lib.stack.cluster import (
@@ -116,11 +115,7 @@ def cmd_cluster_up(cluster: Cluster, timeout: float) -> int:
             cluster_id(cluster)
         if any(pids[name] is None for name in PG_NODE_NAMES):
             starters.append(lambda: start_pg_cluster(cluster))
-        if starters:
-            with ThreadPoolExecutor(len(starters)) as pool:
-                futures = [pool.submit(fn) for fn in starters]
-            for future in futures:
-                future.result()
+        in_parallel(starters)
         asyncio.run(wait_cluster(cluster, timeout))
     if starters:
         say(

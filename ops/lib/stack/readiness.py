@@ -32,6 +32,16 @@ async def kafka_answers(bootstrap: str, brokers: int = 1) -> str | None:
 
 async def postgres_answers(url: str) -> str | None:
     """None when `SELECT 1` succeeds over `url`; else why not."""
+    rows = await pg_fetch(url, "SELECT 1")
+    if isinstance(rows, str):
+        return rows
+    value = rows[0][0]
+    return None if value == 1 else f"SELECT 1 returned {value!r}"
+
+
+async def pg_fetch(url: str, query: str) -> list[Any] | str:
+    """The rows of ``query`` over a fresh connection to ``url``, or why it could not connect
+    (within 5 s)."""
     import asyncpg
 
     try:
@@ -39,8 +49,7 @@ async def postgres_answers(url: str) -> str | None:
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}"
     try:
-        value = await conn.fetchval("SELECT 1")
-        return None if value == 1 else f"SELECT 1 returned {value!r}"
+        return list(await conn.fetch(query))
     finally:
         await conn.close()
 

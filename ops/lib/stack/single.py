@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ops.lib.stack.config import (
@@ -104,11 +103,7 @@ def cmd_up(stack: Stack, timeout: float) -> int:
             starters.append(lambda: start_kafka(stack))
         if pids["postgres"] is None:
             starters.append(lambda: start_postgres(stack))
-        if starters:
-            with ThreadPoolExecutor(len(starters)) as pool:
-                futures = [pool.submit(fn) for fn in starters]
-            for future in futures:
-                future.result()
+        in_parallel(starters)
         asyncio.run(wait_services(stack.bootstrap, stack.database_url(), timeout, stack=stack))
     if starters:
         say(f"stack up in {time.monotonic() - started:.1f}s: `ops/stack env` prints its endpoints")
