@@ -99,8 +99,10 @@ async def _until_stopped(main: Callable[[], Awaitable[None]]) -> None:
 # --- naive ----------------------------------------------------------------------------
 
 
-async def naive(args: argparse.Namespace) -> None:
-    consumer = AIOKafkaConsumer(
+def group_consumer(args: argparse.Namespace) -> AIOKafkaConsumer:
+    """The contender's consumer of the request topic: in its group, committed by hand, from
+    the earliest offset, committed records only (the backlog is one Kafka transaction)."""
+    return AIOKafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap,
         group_id=args.group,
@@ -108,6 +110,10 @@ async def naive(args: argparse.Namespace) -> None:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
+
+
+async def naive(args: argparse.Namespace) -> None:
+    consumer = group_consumer(args)
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, enable_idempotence=True)
     conn = await asyncpg.connect(args.dsn)
     await consumer.start()
@@ -193,14 +199,7 @@ def _echo(value: bytes) -> bytes:
 
 
 async def kafka_loop(args: argparse.Namespace, *, transactional: bool) -> None:
-    consumer = AIOKafkaConsumer(
-        args.topic,
-        bootstrap_servers=args.bootstrap,
-        group_id=args.group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
+    consumer = group_consumer(args)
     plain = AIOKafkaProducer(bootstrap_servers=args.bootstrap, enable_idempotence=True)
     producers: dict[TopicPartition, AIOKafkaProducer] = {}
     await consumer.start()

@@ -43,7 +43,7 @@ from typing import Any, Final
 import msgspec
 
 from processor.audit import ANOMALIES, AuditReport
-from processor.contract import DeadLetter, Reply
+from processor.contract import DeadLetter, decode_reply
 
 __all__ = [
     "ALL_ANOMALIES",
@@ -107,7 +107,6 @@ CLUSTER_FAULT_KINDS: Final = (
     "overlap",
 )
 
-_reply_decoder: Final = msgspec.json.Decoder(Reply)
 _dead_decoder: Final = msgspec.json.Decoder(DeadLetter)
 
 
@@ -163,7 +162,7 @@ class Observed:
 def read_reply(value: bytes | None) -> tuple[str, str, int | None] | None:
     """(request_id, status, fault code) of a reply record; None if it is not a Reply."""
     try:
-        reply = _reply_decoder.decode(value or b"")
+        reply = decode_reply(value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return reply.request_id, reply.status, reply.fault.code if reply.fault else None

@@ -26,11 +26,11 @@ from processor.kafka_access import (
     kafka_security_problem,
     read_secret_file,
 )
+from processor.names import is_identifier
 
 __all__ = ["ENV_VARS", "SETTINGS", "Secret", "Setting", "Settings"]
 
 _TOPIC_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_IDENT_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _LABEL_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
@@ -47,7 +47,7 @@ def _group(value: str) -> str:
 
 
 def _ident(value: str) -> str:
-    if not _IDENT_RE.fullmatch(value):
+    if not is_identifier(value):
         raise ValueError("not a plain lowercase identifier of at most 63 bytes")
     return value
 

@@ -7,19 +7,19 @@ passed, and that the report, its JSON and the plots were written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 
 import asyncpg
 import pytest
 
+from ops.lib.bench.cli import curve_set, main, share_list
+from ops.lib.bench.runs import logged_transactions, phase_means_ms
+from ops.lib.bench.text import per_transaction
 from tests.conftest import Endpoints
 from tests.support import ROOT
 
@@ -142,16 +142,6 @@ async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_
     assert str(tmp_path / "work" / "baseline") not in worktrees
 
 
-def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ops_bench", ROOT / "ops" / "bench.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ops_bench", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_an_old_workers_transactions_are_counted_from_its_debug_log(tmp_path: Path) -> None:
     """The per-partition worker (a8821c1) logs one `batch committed` line per batch with
     the partitions it committed, one transaction each; lines before `since` are not
@@ -166,40 +156,36 @@ def test_an_old_workers_transactions_are_counted_from_its_debug_log(tmp_path: Pa
         '{"partitions": [2], "records": 513, "event": "batch committed", '
         '"level": "debug", "timestamp": "2026-12-02T07:44:20.667871Z"}\n'
     )
-    bench = _bench_module()
-    assert bench.logged_transactions([str(log)]) == 4
+    assert logged_transactions([str(log)]) == 4
     since = datetime(2026, 12, 2, 7, 44, 20, tzinfo=UTC).timestamp()
-    assert bench.logged_transactions([str(log)], since=since) == 1
+    assert logged_transactions([str(log)], since=since) == 1
 
 
 def test_the_curve_flags_take_shares_and_curve_names_and_name_a_bad_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = _bench_module()
-    assert bench.share_list("0.05,0.5,1") == (0.05, 0.5, 1.0)
-    assert bench.curve_set("load") == frozenset({"load"})
+    assert share_list("0.05,0.5,1") == (0.05, 0.5, 1.0)
+    assert curve_set("load") == frozenset({"load"})
     for argv, said in (
         (["--load-shares", "0.5,x"], "'x' is not a share in (0, 2]"),
         (["--load-shares", "0"], "'0' is not a share in (0, 2]"),
         (["--curves", "load,skw"], "unknown curve(s) skw: choose from load,skew,batch,backlog"),
     ):
         with pytest.raises(SystemExit) as exited:
-            bench.main(argv)
+            main(argv)
         assert exited.value.code == 2
         assert said in capsys.readouterr().err
 
 
 def test_requests_per_transaction_is_what_the_load_curve_reports() -> None:
-    bench = _bench_module()
-    assert bench.per_transaction({"transactions_per_1k": 4.0}) == 250.0
-    assert bench.per_transaction({"transactions_per_1k": None}) is None
+    assert per_transaction({"transactions_per_1k": 4.0}) == 250.0
+    assert per_transaction({"transactions_per_1k": None}) is None
 
 
 def test_phase_means_are_per_batch_between_two_scrapes() -> None:
-    bench = _bench_module()
     before = {"database": (1.0, 10.0), "wait": (0.0, 10.0), "kafka": (2.0, 10.0)}
     after = {"database": (1.5, 20.0), "wait": (0.1, 20.0), "kafka": (2.2, 20.0)}
-    means = bench.phase_means_ms(before, after)
+    means = phase_means_ms(before, after)
     assert means == pytest.approx({"database": 50.0, "wait": 10.0, "kafka": 20.0})
-    assert bench.phase_means_ms(None, after) is None
-    assert bench.phase_means_ms(before, before) is None  # no batch in between
+    assert phase_means_ms(None, after) is None
+    assert phase_means_ms(before, before) is None  # no batch in between

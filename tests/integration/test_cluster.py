@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -29,6 +27,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from ops.lib.common import free_block
 from processor.client import Client
 from processor.contract import decode_reply
 from tests.integration.harness import Scenario, check_exactly_once
@@ -40,24 +39,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(900)]
 PORTS_NEEDED = 14
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _port_block() -> int:
-    low, _, high = os.environ.get("PROCESSOR_TEST_CLUSTER_PORTS", "39000-39999").partition("-")
-    bases = list(range(int(low), int(high) - PORTS_NEEDED))
-    random.shuffle(bases)
-    for base in bases[:500]:
-        if all(_port_free(p) for p in range(base, base + PORTS_NEEDED)):
-            return base
-    raise RuntimeError(f"no {PORTS_NEEDED} free consecutive ports in {low}-{high}")
+    raw = os.environ.get("PROCESSOR_TEST_CLUSTER_PORTS", "39000-39999")
+    low, _, high = raw.partition("-")
+    base = free_block(PORTS_NEEDED, int(low), int(high), tries=500)
+    if base is None:
+        raise RuntimeError(f"no {PORTS_NEEDED} free consecutive ports in {raw}")
+    return base
 
 
 @dataclass
