@@ -66,7 +66,6 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from processor import kafka
 from processor.audit import ANOMALIES, AuditOptions, AuditReport, run_audit
 from processor.chaos import (
     ALL_ANOMALIES,
@@ -100,6 +99,7 @@ from processor.errors import (
     RequestTooLarge,
     TransientError,
 )
+from processor.kafka import clients as kafka
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 STACK: Final = ROOT / "ops" / "stack"

@@ -54,7 +54,6 @@ import msgspec
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from processor import kafka
 from processor.contract import (
     Behavior,
     DeleteRequest,
@@ -81,6 +80,7 @@ from processor.errors import (
     TransientError,
     UnexpectedError,
 )
+from processor.kafka import clients as kafka
 from processor.log import get_logger
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from processor.errors import ConfigError
-from processor.kafka_access import (
+from processor.kafka.access import (
     KAFKA_SECURITY_VARS,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,

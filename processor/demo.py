@@ -19,12 +19,13 @@ from typing import Any
 import msgspec
 from aiokafka import TopicPartition
 
-from processor import db, kafka
+from processor import db
 from processor.config import Settings
 from processor.contract import Reply, decode_reply, record_key
+from processor.db.ledger import Ledger
+from processor.db.registry import load_registry, quote
 from processor.errors import ConfigError
-from processor.ledger import Ledger
-from processor.registry import load_registry, quote
+from processor.kafka import clients as kafka
 
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
@@ -292,8 +293,8 @@ async def _producer_services(settings: Settings) -> int:
     """What a producer service does with the client: metadata, a transaction, a context."""
     from processor.client import Client
     from processor.contract import UpdateRequest
+    from processor.engine.metadata import render_table
     from processor.errors import ConcurrencyVersionMismatch, ObjectDoesNotExist
-    from processor.metadata import render_table
 
     print("\n-- the producer client: metadata, a transaction, a context --\n")
     async with Client(

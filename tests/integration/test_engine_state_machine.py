@@ -55,7 +55,7 @@ from hypothesis.stateful import (
 from hypothesis.statistics import collector, describe_statistics
 
 from processor.contract import Reply
-from processor.engine import Envelope, Outcome
+from processor.engine.engine import Envelope, Outcome
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,

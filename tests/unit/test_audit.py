@@ -29,6 +29,7 @@ from processor.audit import (
     read_request,
 )
 from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
+from processor.db.ledger import LedgerEntry
 from processor.errors import (
     ConfigError,
     DuplicateRequest,
@@ -36,7 +37,6 @@ from processor.errors import (
     InvalidArgument,
     UnexpectedError,
 )
-from processor.ledger import LedgerEntry
 from tests.support import Msg
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

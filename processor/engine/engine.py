@@ -51,7 +51,10 @@ from processor.contract import (
     fault_detail,
 )
 from processor.db import Connection, is_data_error, is_transient
-from processor.envelope import Envelope, Outcome, Source
+from processor.db.ledger import Ledger, LedgerEntry
+from processor.db.registry import Column, Entity, Registry
+from processor.db.statements import EntityStatements
+from processor.engine.envelope import Envelope, Outcome, Source
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,
@@ -67,9 +70,6 @@ from processor.errors import (
     TransientError,
     UnexpectedError,
 )
-from processor.ledger import Ledger, LedgerEntry
-from processor.registry import Column, Entity, Registry
-from processor.statements import EntityStatements
 
 __all__ = [
     "Engine",
@@ -162,7 +162,7 @@ class Engine:
         is committed then, and calling again with the same envelopes is safe.
         """
         if not all(isinstance(e.request, ROW_REQUEST_TYPES) for e in envelopes):
-            from processor.batches import process_mixed  # built on this module's steps
+            from processor.engine.batches import process_mixed  # built on this module's steps
 
             return await process_mixed(self, conn, envelopes)
         outcomes: list[Outcome] = []

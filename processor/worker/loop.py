@@ -41,9 +41,15 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from processor import kafka, kip447
-from processor.applier import Applier, GaveUp
-from processor.commit import (
+from processor.config import Settings
+from processor.engine.engine import Engine, Envelope, Outcome, rows_of
+from processor.errors import InvalidArgument
+from processor.kafka import clients as kafka
+from processor.kafka import kip447
+from processor.log import get_logger
+from processor.metrics import Metrics
+from processor.worker.applier import Applier, GaveUp
+from processor.worker.commit import (
     COMMIT_RETRY_SECONDS,
     Batch,
     CommitPipeline,
@@ -51,10 +57,7 @@ from processor.commit import (
     Transactions,
     WorkerIdInUse,
 )
-from processor.config import Settings
-from processor.engine import Engine, Envelope, Outcome, rows_of
-from processor.errors import InvalidArgument
-from processor.intake import (
+from processor.worker.intake import (
     Message,
     OutRecord,
     Rejected,
@@ -62,12 +65,10 @@ from processor.intake import (
     outcome_records,
     rejected_records,
 )
-from processor.lanes import lane_count, split
-from processor.log import get_logger
-from processor.metrics import Metrics
-from processor.ownership import Ownership
-from processor.reply_routes import ReplyRoutes
-from processor.retry import Retry
+from processor.worker.lanes import lane_count, split
+from processor.worker.ownership import Ownership
+from processor.worker.reply_routes import ReplyRoutes
+from processor.worker.retry import Retry
 
 __all__ = ["Worker"]
 

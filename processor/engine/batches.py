@@ -47,8 +47,10 @@ from processor.contract import (
     fault_detail,
 )
 from processor.db import Connection, is_transient
-from processor.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
-from processor.envelope import Envelope, Outcome
+from processor.db.ledger import LedgerEntry
+from processor.engine.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
+from processor.engine.envelope import Envelope, Outcome
+from processor.engine.metadata import entity_metadata
 from processor.errors import (
     FAULT_TYPES,
     DuplicateRequest,
@@ -59,8 +61,6 @@ from processor.errors import (
     TransientError,
     UnexpectedError,
 )
-from processor.ledger import LedgerEntry
-from processor.metadata import entity_metadata
 
 __all__ = ["MAX_REPLY_BYTES", "process_mixed"]
 
