@@ -48,9 +48,11 @@ from processor.contract import (
 )
 from processor.db import Connection, is_transient
 from processor.db.ledger import LedgerEntry
-from processor.engine.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
+from processor.engine.checks import _Batch, _DataError, _Job, _rounds, _shown
+from processor.engine.engine import Engine
 from processor.engine.envelope import Envelope, Outcome
 from processor.engine.metadata import entity_metadata
+from processor.engine.outcomes import duplicate, fault_outcome, fault_reply
 from processor.errors import (
     FAULT_TYPES,
     DuplicateRequest,
@@ -175,14 +177,14 @@ async def _transaction(
     for index, inner in enumerate(req.requests):
         ienv = Envelope.of(inner, env.source)
         if inner.request_id in known:
-            failed = (index, engine._duplicate(ienv, batch.now))
+            failed = (index, duplicate(ienv, batch.now))
             break
         try:
             jobs.append(engine._prepare(index, ienv, batch.now))
         except Fault as exc:
             failed = (
                 index,
-                engine._fault_reply(ienv, exc, batch.now, engine._resolved_behavior(inner)),
+                fault_reply(ienv, exc, batch.now, engine._resolved_behavior(inner)),
             )
             break
     mark = len(batch.entries)
@@ -334,13 +336,13 @@ async def _each(
     for index, inner in enumerate(req.requests):
         ienv = Envelope.of(inner, env.source)
         if inner.request_id in known:
-            outcome = engine._duplicate(ienv, batch.now)
+            outcome = duplicate(ienv, batch.now)
         else:
             try:
                 job = engine._prepare(index, ienv, batch.now)
             except Fault as exc:
                 behavior = engine._resolved_behavior(inner)
-                outcome = engine._fault_outcome(ienv, exc, batch, behavior)
+                outcome = fault_outcome(ienv, exc, batch, behavior)
             else:
                 await engine._run_isolated(conn, job, batch)  # its own savepoint
                 assert job.outcome is not None

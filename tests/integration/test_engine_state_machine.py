@@ -246,7 +246,7 @@ def _fault(
 
 
 def _value_problem(name: str, value: Any) -> bool:
-    """What the engine refuses before the database (engine._value_problem, these columns)."""
+    """What the engine refuses before the database (engine.checks._value_problem, these columns)."""
     if name == "label":
         return not isinstance(value, str) or "\x00" in value
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
