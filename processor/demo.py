@@ -26,6 +26,7 @@ from processor.db.ledger import Ledger
 from processor.db.registry import load_registry, quote
 from processor.errors import ConfigError
 from processor.kafka import clients as kafka
+from processor.log import configure_logging
 
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
@@ -219,6 +220,11 @@ def _requests(run: str, versions: dict[str, str]) -> list[tuple[str, dict[str, A
 async def run_demo(settings: Settings) -> int:
     from processor.service import serve
 
+    if settings.log_level == "info":
+        # The demo tells each request's story on stdout; the embedded worker's info lines
+        # (start, stop, one per fault) and the clients' coordinator chatter would interleave
+        # with it. Its warnings and errors still show; PROCESSOR_LOG_LEVEL=debug shows all.
+        configure_logging("warning", settings.log_format)
     registry = await install_demo(settings)
     settings = Settings(**{**_fields(settings), "entities": registry})
     assert settings.database_url is not None
