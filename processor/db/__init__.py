@@ -1,14 +1,17 @@
 """The database edge: connections, errors by SQLSTATE class, and what lives in PostgreSQL.
 
-- ``pool``: connections and pools, TLS, session settings, errors by SQLSTATE class.
+- ``pool``: connections and pools, TLS, session settings.
+- ``errors``: errors by SQLSTATE class (``is_transient``, ``is_data_error``).
 - ``registry``: the entity registry (TOML checked against the live catalog).
 - ``statements``: the SQL of one entity.
 - ``ledger``: the request ledger.
 - ``grants``: the least-privilege GRANT plan.
 
-The package re-exports ``pool``'s names (``from processor.db import connect``, as before).
+The package re-exports ``pool``'s and ``errors``' names (``from processor.db import connect``,
+``is_transient``, as before).
 """
 
+from processor.db.errors import is_data_error, is_transient
 from processor.db.pool import (
     APPLICATION_NAME,
     Connection,
@@ -16,8 +19,6 @@ from processor.db.pool import (
     connect_error,
     create_pool,
     describe_connect_error,
-    is_data_error,
-    is_transient,
     session_settings,
 )
 
