@@ -8,6 +8,8 @@ per-request redo (``engine/engine.py``) both ask here, so they agree on every st
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Final
 
 import asyncpg
@@ -19,6 +21,7 @@ __all__ = [
     "DATA_STATES",
     "TRANSIENT_CLASSES",
     "TRANSIENT_STATES",
+    "as_transient",
     "is_data_error",
     "is_transient",
 ]
@@ -66,3 +69,17 @@ def is_data_error(exc: BaseException) -> bool:
         state = exc.sqlstate or ""
         return state[:2] in DATA_CLASSES or state in DATA_STATES
     return False
+
+
+@contextlib.contextmanager
+def as_transient() -> Iterator[None]:
+    """Raise a failure a retry can cure (:func:`is_transient`) as :class:`TransientError`,
+    the one type the worker retries; anything else propagates as it is."""
+    try:
+        yield
+    except TransientError:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+        raise

@@ -34,6 +34,7 @@ import asyncpg
 
 from processor.contract import ROW_REQUEST_TYPES, Behavior, Request, decode_reply
 from processor.db import Connection, is_data_error, is_transient
+from processor.db.errors import as_transient
 from processor.db.ledger import Ledger
 from processor.db.registry import Registry
 from processor.db.statements import EntityStatements
@@ -59,7 +60,7 @@ from processor.engine.outcomes import (
     replayed,
     success_outcome,
 )
-from processor.errors import Fault, InvalidArgument, TransientError, UnexpectedError
+from processor.errors import Fault, InvalidArgument, UnexpectedError
 
 __all__ = [
     "Engine",
@@ -107,14 +108,8 @@ class Engine:
             return await process_mixed(self, conn, envelopes)
         outcomes: list[Outcome] = []
         for chunk in self._chunks(envelopes):
-            try:
+            with as_transient():
                 outcomes.extend(await self._process_chunk(conn, chunk))
-            except TransientError:
-                raise
-            except Exception as exc:
-                if is_transient(exc):
-                    raise TransientError(f"{type(exc).__name__}: {exc}") from exc
-                raise
         return outcomes
 
     def _chunks(self, envelopes: Sequence[Envelope]) -> list[Sequence[Envelope]]:

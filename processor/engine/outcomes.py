@@ -92,24 +92,43 @@ def duplicate(env: Envelope, now: datetime) -> Outcome:
 
 
 def record(env: Envelope, outcome: Outcome, batch: _Batch, writes: str | None) -> None:
-    reply, src = outcome.reply, env.source
+    """A row request's ledger row: its reply, and the versions it wrote (``writes``)."""
+    row = env.row
     batch.entries.append(
-        LedgerEntry(
-            request_id=reply.request_id,
-            fingerprint=env.fingerprint,
-            type=str(reply.type),
-            entity=env.row.entity,
-            record_id=str(env.row.id),
-            status=reply.status,
-            fault_code=reply.fault.code if reply.fault else None,
-            applied=outcome.applied,
-            writes=writes,
-            reply=outcome.data,
-            source_topic=src.topic if src else None,
-            source_partition=src.partition if src else None,
-            source_offset=src.offset if src else None,
-            processed_at=batch.now,
-        )
+        ledger_entry(env, outcome, batch, entity=row.entity, record_id=str(row.id), writes=writes)
+    )
+
+
+def ledger_entry(
+    env: Envelope,
+    outcome: Outcome,
+    batch: _Batch,
+    *,
+    entity: str,
+    record_id: str,
+    writes: str | None,
+    applied: bool | None = None,
+) -> LedgerEntry:
+    """The ledger row of ``outcome``: the exact reply bytes, and where the request came from.
+
+    ``applied`` is the outcome's unless given (an execute's own row: its inner rows apply).
+    """
+    reply, src = outcome.reply, env.source
+    return LedgerEntry(
+        request_id=reply.request_id,
+        fingerprint=env.fingerprint,
+        type=str(reply.type),
+        entity=entity,
+        record_id=record_id,
+        status=reply.status,
+        fault_code=reply.fault.code if reply.fault else None,
+        applied=outcome.applied if applied is None else applied,
+        writes=writes,
+        reply=outcome.data,
+        source_topic=src.topic if src else None,
+        source_partition=src.partition if src else None,
+        source_offset=src.offset if src else None,
+        processed_at=batch.now,
     )
 
 
