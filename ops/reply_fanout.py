@@ -26,9 +26,9 @@ from typing import Any
 
 import asyncpg
 
-from processor import kafka
 from processor.client import Client
 from processor.contract import UpdateRequest
+from processor.kafka import clients as kafka
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("all", "fixed", "group")

@@ -24,8 +24,10 @@ from processor.contract import (
     decode_request,
     encode_reply,
 )
-from processor.engine import Engine
-from processor.envelope import Envelope, Outcome, Source
+from processor.db.ledger import Ledger
+from processor.db.registry import Registry, load_registry
+from processor.engine.engine import Engine
+from processor.engine.envelope import Envelope, Outcome, Source
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,
@@ -46,8 +48,6 @@ from processor.errors import (
     TransientError,
     UnexpectedError,
 )
-from processor.ledger import Ledger
-from processor.registry import Registry, load_registry
 
 __all__ = [
     "FAULT_TYPES",

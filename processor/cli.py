@@ -282,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _migrate(settings: Settings) -> int:
     from processor.db import connect
-    from processor.ledger import Ledger
+    from processor.db.ledger import Ledger
 
     conn = await connect(settings)  # the owner's job: DDL, no worker timeouts
     try:
@@ -294,7 +294,7 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _topics(settings: Settings) -> int:
-    from processor.kafka import ensure_topics
+    from processor.kafka.clients import ensure_topics
 
     topics = [settings.request_topic, settings.reply_topic, settings.dlq_topic]
     created = await ensure_topics(
@@ -310,7 +310,7 @@ async def _topics(settings: Settings) -> int:
 
 async def _prune(settings: Settings, days: int | None, dry_run: bool = False) -> int:
     from processor.db import connect
-    from processor.ledger import Ledger
+    from processor.db.ledger import Ledger
 
     keep = days if days is not None else settings.ledger_retention_days
     if keep <= 0:
@@ -345,7 +345,7 @@ async def _run(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
-    from processor.kafka import check_access
+    from processor.kafka.clients import check_access
     from processor.service import serve
 
     if settings.kafka_bootstrap_servers is not None:
@@ -406,8 +406,8 @@ def _request_object(raw: str) -> dict[str, Any]:
 
 async def _entities(settings: Settings, as_json: bool) -> int:
     from processor.db import connect
-    from processor.metadata import entity_metadata, render_table
-    from processor.registry import load_registry
+    from processor.db.registry import load_registry
+    from processor.engine.metadata import entity_metadata, render_table
 
     settings.require("entities", "database_url")
     assert settings.entities is not None
@@ -512,7 +512,7 @@ async def _explained(settings: Settings, command: Coroutine[Any, Any, int]) -> i
     """Run ``command``; a client that could not reach Kafka gets the reason, not a traceback."""
     from aiokafka.errors import KafkaConnectionError
 
-    from processor.kafka import explain_unreachable, find_problem
+    from processor.kafka.clients import explain_unreachable, find_problem
 
     try:
         return await command
@@ -542,7 +542,7 @@ class _BootstrapNoise(logging.Filter):
 
 
 async def _grants(settings: Settings, args: argparse.Namespace) -> int:
-    from processor.grants import run_grants
+    from processor.db.grants import run_grants
 
     return await run_grants(settings, args.role, prune=args.prune, apply=args.apply)
 

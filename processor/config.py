@@ -17,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from processor.errors import ConfigError
-from processor.kafka_access import (
+from processor.kafka.access import (
     KAFKA_SECURITY_VARS,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
@@ -116,7 +116,7 @@ def _url(value: str) -> str:
     return value
 
 
-# --- Kafka security (SASL, TLS): the options and their checks are processor/kafka_access.py's
+# --- Kafka security (SASL, TLS): the options and their checks are processor/kafka/access.py's
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:

@@ -547,8 +547,14 @@ def salvage(data: bytes) -> Salvage:
     )
 
 
+#: The one encoder of replies, success and fault alike (the engine, execute's replies, intake's
+#: rejections): a retrieved numeric attribute (a Decimal, read with ``float_hook=Decimal``)
+#: stays a JSON number, and attributes keep the order PostgreSQL returned them in.
+_reply_encoder: Final = msgspec.json.Encoder(decimal_format="number")
+
+
 def encode_reply(reply: Reply) -> bytes:
-    return _encoder.encode(reply)
+    return _reply_encoder.encode(reply)
 
 
 _reply_decoder: Final = msgspec.json.Decoder(Reply)

@@ -19,12 +19,14 @@ from typing import Any
 import msgspec
 from aiokafka import TopicPartition
 
-from processor import db, kafka
+from processor import db
 from processor.config import Settings
 from processor.contract import Reply, decode_reply, record_key
+from processor.db.ledger import Ledger
+from processor.db.registry import load_registry, quote
 from processor.errors import ConfigError
-from processor.ledger import Ledger
-from processor.registry import load_registry, quote
+from processor.kafka import clients as kafka
+from processor.log import configure_logging
 
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
@@ -218,6 +220,11 @@ def _requests(run: str, versions: dict[str, str]) -> list[tuple[str, dict[str, A
 async def run_demo(settings: Settings) -> int:
     from processor.service import serve
 
+    if settings.log_level == "info":
+        # The demo tells each request's story on stdout; the embedded worker's info lines
+        # (start, stop, one per fault) and the clients' coordinator chatter would interleave
+        # with it. Its warnings and errors still show; PROCESSOR_LOG_LEVEL=debug shows all.
+        configure_logging("warning", settings.log_format)
     registry = await install_demo(settings)
     settings = Settings(**{**_fields(settings), "entities": registry})
     assert settings.database_url is not None
@@ -292,8 +299,8 @@ async def _producer_services(settings: Settings) -> int:
     """What a producer service does with the client: metadata, a transaction, a context."""
     from processor.client import Client
     from processor.contract import UpdateRequest
+    from processor.engine.metadata import render_table
     from processor.errors import ConcurrencyVersionMismatch, ObjectDoesNotExist
-    from processor.metadata import render_table
 
     print("\n-- the producer client: metadata, a transaction, a context --\n")
     async with Client(

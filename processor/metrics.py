@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from processor import kip447
+from processor.kafka import kip447
 from processor.log import client_events
 
 __all__ = ["Metrics", "serve_http"]

@@ -10,14 +10,14 @@ import asyncpg
 
 from processor.config import Settings
 from processor.db import Connection, create_pool
-from processor.engine import Engine
+from processor.db.grants import missing_privileges
+from processor.db.ledger import Ledger
+from processor.db.registry import load_registry
+from processor.engine.engine import Engine
 from processor.errors import ConfigError
-from processor.grants import missing_privileges
-from processor.ledger import Ledger
 from processor.log import get_logger
 from processor.metrics import Metrics, serve_http
-from processor.registry import load_registry
-from processor.worker import Worker
+from processor.worker.loop import Worker
 
 __all__ = ["build_engine", "check_connection_capacity", "pool_size", "serve"]
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin import NewTopic as KafkaNewTopic
 
-from processor import kafka
+from processor.kafka import clients as kafka
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from processor.audit.model import (
     loc,
 )
 from processor.contract import decode_reply
-from processor.ledger import LedgerEntry
+from processor.db.ledger import LedgerEntry
 
 
 def ledger_row_problems(row: LedgerEntry) -> list[str]:

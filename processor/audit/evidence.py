@@ -24,7 +24,7 @@ from processor.audit.model import (
     loc,
 )
 from processor.contract import DeadLetter, decode_reply
-from processor.ledger import LedgerEntry
+from processor.db.ledger import LedgerEntry
 
 _dead_decoder: Final = msgspec.json.Decoder(DeadLetter)
 

@@ -12,7 +12,7 @@ import msgspec
 
 from processor.audit.auditor import Auditor
 from processor.audit.model import AuditOptions, Progress, Write, fault_name
-from processor.ledger import LedgerEntry
+from processor.db.ledger import LedgerEntry
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:

@@ -17,9 +17,9 @@ from typing import Any, Final
 import msgspec
 
 from processor.contract import Reply, decode_reply
-from processor.envelope import Envelope
+from processor.engine.envelope import Envelope
 from processor.errors import FAULT_TYPES, ConfigError
-from processor.intake import Message, admit
+from processor.worker.intake import Message, admit
 
 MISSING_REPLY: Final = "missing-reply"
 DUPLICATE_REPLY: Final = "duplicate-reply"

@@ -7,14 +7,15 @@ from collections.abc import Callable
 
 import asyncpg
 
-from processor import db, kafka
+from processor import db
 from processor.audit.ledger import audit_ledger
 from processor.audit.model import AuditOptions, Progress
 from processor.audit.report import AuditReport, coverage
 from processor.audit.topics import call, read_topics
 from processor.config import Settings
+from processor.db.ledger import Ledger
 from processor.errors import ConfigError, ProcessorError
-from processor.ledger import Ledger
+from processor.kafka import clients as kafka
 
 
 async def run_audit(

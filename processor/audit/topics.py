@@ -11,7 +11,6 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from processor import kafka
 from processor.audit.auditor import Auditor
 from processor.audit.model import (
     AuditOptions,
@@ -22,6 +21,7 @@ from processor.audit.model import (
 )
 from processor.config import Settings
 from processor.errors import ConfigError
+from processor.kafka import clients as kafka
 from processor.tools.text import counted as _n
 
 

@@ -20,10 +20,10 @@ import asyncpg
 
 from processor.contract import decode_request
 from processor.db import Connection
-from processor.engine import Engine, Envelope, Outcome
+from processor.db.ledger import Ledger
+from processor.db.registry import Registry, load_registry
+from processor.engine.engine import Engine, Envelope, Outcome
 from processor.errors import InvalidArgument
-from processor.ledger import Ledger
-from processor.registry import Registry, load_registry
 
 _XMIN_TABLE = """
 CREATE TABLE {schema}.{table} (

@@ -290,7 +290,7 @@ async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_
     """A standby frozen for longer than the worker's command timeout (60 s). The timeout
     cancels the COMMIT's wait and PostgreSQL commits on the primary alone; the worker's
     retry finds the request in the ledger, and its transaction (made to write WAL by the
-    lookup: processor/ledger.py) waits for the standby in turn, so nothing is answered
+    lookup: processor/db/ledger.py) waits for the standby in turn, so nothing is answered
     while the update is on the primary alone (an answered update would be lost by the
     next failover). Once the standby is back: answered and applied once."""
     s = scenario

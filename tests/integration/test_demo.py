@@ -62,6 +62,8 @@ async def test_the_demo_shows_metadata_a_rolled_back_transaction_and_a_conflict(
     out = demo.stdout
     assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
     assert "16/16 replies received" in out
+    # The demo's own lines are not interleaved with the embedded worker's info lines.
+    assert '"level": "info"' not in demo.stderr, demo.stderr[-3000:]
     metadata = out[out.index("entity metadata") :]
     assert "account  enabled" in metadata
     assert "AlwaysOverwrite  xmin" in metadata

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from processor.batches import MAX_REPLY_BYTES
+from processor.engine.batches import MAX_REPLY_BYTES
 from processor.errors import (
     ConcurrencyVersionMismatch,
     DuplicateRequest,

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from processor.engine import Outcome
+from processor.engine.engine import Outcome
 from processor.errors import AttributeNotFound, EntityNotFound, Fault, InvalidArgument
 from tests.integration.engine_kit import Kit, related, update
 

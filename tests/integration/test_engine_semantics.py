@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from processor.engine import Outcome
+from processor.engine.engine import Outcome
 from processor.errors import (
     AttributeNotFound,
     ConcurrencyVersionMismatch,

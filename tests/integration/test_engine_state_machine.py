@@ -55,7 +55,7 @@ from hypothesis.stateful import (
 from hypothesis.statistics import collector, describe_statistics
 
 from processor.contract import Reply
-from processor.engine import Envelope, Outcome
+from processor.engine.engine import Envelope, Outcome
 from processor.errors import (
     FAULT_TYPES,
     AttributeNotFound,
@@ -246,7 +246,7 @@ def _fault(
 
 
 def _value_problem(name: str, value: Any) -> bool:
-    """What the engine refuses before the database (engine._value_problem, these columns)."""
+    """What the engine refuses before the database (engine.checks._value_problem, these columns)."""
     if name == "label":
         return not isinstance(value, str) or "\x00" in value
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.engine import Engine, Outcome
+from processor.engine.engine import Engine, Outcome
 from tests.integration.engine_kit import (
     FLAVORS,
     VERSION,

@@ -29,7 +29,7 @@ import pytest
 from processor.client import Client
 from processor.config import Settings
 from processor.errors import ConfigError
-from processor.kafka import KafkaAccess
+from processor.kafka.clients import KafkaAccess
 from tests.conftest import Endpoints
 from tests.integration.harness import REGISTRY, TABLE_SQL, Scenario
 from tests.pki import Pki, make_pki

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from processor import kafka, kip447
+from processor.kafka import clients as kafka
+from processor.kafka import kip447
 from tests.conftest import Endpoints
 from tests.support import NewTopic, consume_all, until
 

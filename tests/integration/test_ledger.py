@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from processor.db.ledger import Ledger, LedgerEntry
 from processor.errors import ConfigError, TransientError
-from processor.ledger import Ledger, LedgerEntry
 from tests.conftest import Endpoints
 
 

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from processor.config import Settings
-from processor.registry import Entity, quote
+from processor.db.registry import Entity, quote
 from processor.tools.loadtest import LoadOptions, run_loadtest, summary, write_plot
 from tests.integration.harness import Scenario
 

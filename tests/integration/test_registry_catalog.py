@@ -9,10 +9,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from processor.engine import Engine
+from processor.db.ledger import Ledger
+from processor.db.registry import load_registry
+from processor.engine.engine import Engine
 from processor.errors import ConfigError
-from processor.ledger import Ledger
-from processor.registry import load_registry
 from tests.integration.engine_kit import envelope, update
 
 SOURCE = "conf/entities.toml"

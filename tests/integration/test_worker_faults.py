@@ -21,7 +21,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from processor import kafka
+from processor.kafka import clients as kafka
 from tests.integration.harness import Scenario, check_exactly_once, json_log_lines, updates
 from tests.support import ROOT, until
 

@@ -19,13 +19,14 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from processor import kafka, kip447
-from processor.commit import KafkaTransactions, Transactions
 from processor.config import Settings
-from processor.intake import OutRecord
+from processor.kafka import clients as kafka
+from processor.kafka import kip447
 from processor.metrics import Metrics
 from processor.service import build_engine
-from processor.worker import Worker
+from processor.worker.commit import KafkaTransactions, Transactions
+from processor.worker.intake import OutRecord
+from processor.worker.loop import Worker
 from tests.conftest import Endpoints
 from tests.integration.harness import Scenario, check_exactly_once, updates
 from tests.support import until

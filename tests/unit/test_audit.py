@@ -33,6 +33,7 @@ from processor.audit import (
 from processor.audit.report import coverage
 from processor.audit.topics import _describe_range
 from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
+from processor.db.ledger import LedgerEntry
 from processor.errors import (
     ConfigError,
     DuplicateRequest,
@@ -40,7 +41,6 @@ from processor.errors import (
     InvalidArgument,
     UnexpectedError,
 )
-from processor.ledger import LedgerEntry
 from tests.support import Msg
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

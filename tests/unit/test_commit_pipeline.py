@@ -9,17 +9,17 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, ProducerFenced
 
-from processor import kip447
-from processor.commit import (
+from processor.kafka import kip447
+from processor.metrics import Metrics
+from processor.worker.commit import (
     FENCING_WINDOW,
     Batch,
     CommitPipeline,
     TransactionTimedOut,
     WorkerIdInUse,
 )
-from processor.intake import OutRecord
-from processor.metrics import Metrics
-from processor.retry import GaveUp, Retry
+from processor.worker.intake import OutRecord
+from processor.worker.retry import GaveUp, Retry
 
 TP = TopicPartition("requests", 0)
 GROUP = kip447.GroupMetadata("g", 3, "member-1")

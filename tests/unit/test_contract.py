@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -12,12 +13,14 @@ from processor.contract import (
     BEHAVIORS,
     DeleteRequest,
     RelatedEntity,
+    Reply,
     Request,
     RetrieveRequest,
     Salvage,
     UpdateRequest,
     behavior_name,
     decode_request,
+    encode_reply,
     request_fingerprint,
     salvage,
 )
@@ -429,3 +432,31 @@ def test_salvage_of_a_deeply_nested_message_is_empty_not_a_crash() -> None:
     depth = 100_000
     data = b'{"request_id":"r","id":' + b"[" * depth + b"]" * depth + b"}"
     assert salvage(data) == Salvage()
+
+
+def test_one_reply_encoder_keeps_a_retrieved_number_a_number_alone_and_inside_an_execute() -> None:
+    """Success, fault and execute replies share one encoder: a numeric attribute read back
+    as a Decimal is a JSON number in a retrieve's reply and in an execute's responses alike
+    (two encoders once made it a string inside an execute)."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    inner = Reply(
+        request_id="r1",
+        type="retrieve",
+        entity="account",
+        id=1,
+        status="success",
+        processed_at=at,
+        attributes={"balance": Decimal("10.50"), "name": "a"},
+    )
+    outer = Reply(
+        request_id="x",
+        type="execute_multiple",
+        entity=None,
+        id=None,
+        status="success",
+        processed_at=at,
+        responses=[inner],
+    )
+    assert json.loads(encode_reply(inner))["attributes"] == {"balance": 10.5, "name": "a"}
+    assert json.loads(encode_reply(outer))["responses"][0]["attributes"]["balance"] == 10.5
+    assert b'"balance":10.50' in encode_reply(outer)

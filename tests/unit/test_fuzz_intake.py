@@ -48,9 +48,10 @@ from processor.contract import (
     request_fingerprint,
     request_key,
 )
-from processor.envelope import Envelope, Outcome, Source
+from processor.engine.envelope import Envelope, Outcome, Source
 from processor.errors import FAULT_TYPES, InvalidArgument, RequestTooLarge
-from processor.intake import (
+from processor.schemas import DEFAULT_DIR
+from processor.worker.intake import (
     DEAD_LETTER_PREFIX,
     OutRecord,
     Rejected,
@@ -58,7 +59,6 @@ from processor.intake import (
     outcome_records,
     rejected_records,
 )
-from processor.schemas import DEFAULT_DIR
 from tests.fuzzing import examples
 from tests.support import Msg
 

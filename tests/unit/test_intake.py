@@ -10,9 +10,15 @@ import msgspec
 import pytest
 
 from processor.contract import DeadLetter, Reply
-from processor.envelope import Envelope, Outcome
+from processor.engine.envelope import Envelope, Outcome
 from processor.errors import MAX_FAULT_MESSAGE, bounded
-from processor.intake import DEAD_LETTER_PREFIX, Rejected, admit, outcome_records, rejected_records
+from processor.worker.intake import (
+    DEAD_LETTER_PREFIX,
+    Rejected,
+    admit,
+    outcome_records,
+    rejected_records,
+)
 from tests.support import Msg
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from processor import kafka
 from processor.cli import _parser
 from processor.client import Client
 from processor.config import ENV_VARS, Secret, Settings
 from processor.errors import ConfigError
-from processor.kafka import KafkaAccess
+from processor.kafka import clients as kafka
+from processor.kafka.clients import KafkaAccess
 from tests.pki import CLIENT_KEY_PASSWORD, Pki, make_pki
 
 PASSWORD = "s3cret-pa55word"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiokafka.producer.sender as sender
 
-from processor import kafka
+from processor.kafka import clients as kafka
 
 
 async def test_transactional_producers_retry_quickly() -> None:

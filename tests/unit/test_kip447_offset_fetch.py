@@ -10,7 +10,7 @@ import aiokafka.errors as errors
 import pytest
 from aiokafka import TopicPartition
 
-from processor import kip447
+from processor.kafka import kip447
 
 TP = TopicPartition("requests", 3)
 

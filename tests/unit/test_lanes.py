@@ -7,10 +7,10 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processor import lanes
 from processor.contract import DeleteRequest, RelatedEntity, UpdateRequest
-from processor.engine import round_numbers, rows_of
-from processor.registry import Column, Entity, Registry
+from processor.db.registry import Column, Entity, Registry
+from processor.engine.engine import round_numbers, rows_of
+from processor.worker import lanes
 
 
 def _registry() -> Registry:
@@ -104,8 +104,8 @@ def test_the_split_is_deterministic() -> None:
 def test_rows_of_an_execute_request_are_its_requests_rows() -> None:
     """The lanes and the rounds see a batch as touching every row its requests touch."""
     from processor.contract import decode_request
-    from processor.engine import rows_of
-    from processor.registry import Registry
+    from processor.db.registry import Registry
+    from processor.engine.engine import rows_of
 
     batch = decode_request(
         b'{"type":"execute_multiple","request_id":"b","requests":['

@@ -8,10 +8,10 @@ import pytest
 
 from processor.config import Settings, redact_url
 from processor.db import connect_error, describe_connect_error, is_transient, session_settings
+from processor.db.grants import check_role_name, plan_for, statements
+from processor.db.ledger import Ledger
+from processor.db.registry import Column, Entity, Registry
 from processor.errors import ConfigError, ServiceUnreachable
-from processor.grants import check_role_name, plan_for, statements
-from processor.ledger import Ledger
-from processor.registry import Column, Entity, Registry
 
 TIMEOUT_VARS = {
     "PROCESSOR_DB_STATEMENT_TIMEOUT_MS": ("db_statement_timeout_ms", 30_000),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from processor.db.registry import parse_registry
 from processor.errors import ConfigError
-from processor.registry import parse_registry
 
 SOURCE = "conf/entities.toml"
 

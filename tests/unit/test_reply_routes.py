@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.contract import Reply, encode_reply
-from processor.envelope import Envelope, Outcome
+from processor.engine.envelope import Envelope, Outcome
 from processor.errors import InvalidArgument
-from processor.intake import Rejected, admit, outcome_records, rejected_records
-from processor.reply_routes import check_routes
+from processor.worker.intake import Rejected, admit, outcome_records, rejected_records
+from processor.worker.reply_routes import check_routes
 from tests.fuzzing import examples
 from tests.support import Msg
 

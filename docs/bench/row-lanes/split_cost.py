@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import timeit
 
-from processor.lanes import split
+from processor.worker.lanes import split
 
 N = 1000
 LANES = 4

@@ -78,7 +78,7 @@ def find_pgbench() -> str | None:
 
 
 async def prepare(workdir: Path, partitions: int, database: str | None = None) -> Env:
-    from processor.ledger import Ledger
+    from processor.db.ledger import Ledger
 
     bootstrap, database_url, status = stack_endpoints()
     dsn, name = bench_dsn(database_url, database)

@@ -28,7 +28,7 @@ from ops.lib.chaos.load import Load
 from ops.lib.chaos.private_stack import PrivateStack
 from ops.lib.chaos.proxy import Proxy
 from ops.lib.chaos.workers import Workers
-from processor import kafka
+from processor.kafka import clients as kafka
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 from ops.lib import common
 from ops.lib.chaos.config import CLUSTER_PORTS, ROUTED_NODE, SetupError
 from ops.lib.common import STACK
-from processor import kafka
+from processor.kafka import clients as kafka
 
 
 async def topics_visible(access: kafka.KafkaAccess, topics: list[str], limit: float = 60) -> None:

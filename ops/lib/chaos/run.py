@@ -17,7 +17,6 @@ from ops.lib.chaos.private_stack import PrivateStack, topics_visible
 from ops.lib.chaos.proxy import Proxy
 from ops.lib.chaos.report import summarize
 from ops.lib.chaos.workers import Workers
-from processor import kafka
 from processor.audit import AuditOptions, AuditReport, run_audit
 from processor.chaos import (
     ClientHistory,
@@ -30,6 +29,7 @@ from processor.demo import DEFAULT_REGISTRY, install_demo
 from processor.errors import (
     ProcessorError,
 )
+from processor.kafka import clients as kafka
 from processor.tools.workers import wait_ready as workers_ready
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from processor.client import Client
 from processor.contract import Reply, Request, UpdateRequest
+from processor.db.registry import Entity
 from processor.errors import (
     ConcurrencyVersionMismatch,
     Fault,
@@ -24,7 +25,6 @@ from processor.errors import (
     ProcessorError,
     ReplyTimeout,
 )
-from processor.registry import Entity
 from processor.tools.loadtest.model import POISON, LoadOptions, Observations
 from processor.tools.stats import percentile, zipf_weights
 

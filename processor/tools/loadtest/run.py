@@ -19,14 +19,14 @@ from typing import Any
 import asyncpg
 from aiokafka import TopicPartition
 
-from processor import kafka
 from processor.client import Client
 from processor.config import Settings
 from processor.contract import decode_reply
+from processor.db.registry import Entity, quote
 from processor.errors import (
     ProcessorError,
 )
-from processor.registry import Entity, quote
+from processor.kafka import clients as kafka
 from processor.tools.loadtest.load import LoadRun
 from processor.tools.loadtest.model import (
     MAX_SAMPLES,

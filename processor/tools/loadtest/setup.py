@@ -15,14 +15,14 @@ from typing import Any
 
 import asyncpg
 
-from processor import kafka
 from processor.client import Client
 from processor.config import Settings
+from processor.db.registry import Entity, load_registry, quote
 from processor.errors import (
     ConfigError,
     ProcessorError,
 )
-from processor.registry import Entity, load_registry, quote
+from processor.kafka import clients as kafka
 from processor.tools.loadtest.model import LoadOptions
 from processor.tools.text import counted as _n
 from processor.tools.workers import settings_env
@@ -30,8 +30,8 @@ from processor.tools.workers import settings_env
 
 async def prepare(settings: Settings, opts: LoadOptions) -> tuple[Settings, Entity]:
     """Tables, ledger and topics (idempotent); the validated counter entity."""
+    from processor.db.ledger import Ledger
     from processor.demo import DEFAULT_REGISTRY, install_demo
-    from processor.ledger import Ledger
 
     settings.require("database_url", "kafka_bootstrap_servers")
     assert settings.database_url is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from processor.registry import Entity, quote
+from processor.db.registry import Entity, quote
 
 __all__ = ["EntityStatements"]
 

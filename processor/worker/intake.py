@@ -27,7 +27,7 @@ from processor.contract import (
     request_key,
     salvage,
 )
-from processor.envelope import Envelope, Outcome, Source
+from processor.engine.envelope import Envelope, Outcome, Source
 from processor.errors import Fault, InvalidArgument, RequestTooLarge
 
 __all__ = [

@@ -21,11 +21,11 @@ from typing import Final
 
 from aiokafka.errors import KafkaError
 
-from processor import kafka
-from processor.envelope import Envelope
+from processor.engine.envelope import Envelope
 from processor.errors import InvalidArgument
-from processor.intake import Message, Rejected, reject
+from processor.kafka import clients as kafka
 from processor.log import get_logger
+from processor.worker.intake import Message, Rejected, reject
 
 __all__ = ["ReplyRoutes", "check_routes"]
 

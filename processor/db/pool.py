@@ -12,7 +12,6 @@ may hold a password: it is never logged, and errors show it redacted.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -21,7 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from processor.config import Settings, redact_url
-from processor.errors import ConfigError, ProcessorError, ServiceUnreachable, TransientError
+from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
 
 __all__ = [
     "APPLICATION_NAME",
@@ -29,8 +28,6 @@ __all__ = [
     "connect",
     "connect_error",
     "create_pool",
-    "is_data_error",
-    "is_transient",
     "session_settings",
 ]
 
@@ -60,7 +57,7 @@ def session_settings(settings: Settings) -> dict[str, str]:
     """Server settings of the worker's sessions: its name and the three timeouts (ms).
 
     A stuck lock, a runaway statement or an abandoned transaction must not hold a key
-    (and a lane) forever; the errors they raise are transient (is_transient, below), so
+    (and a lane) forever; the errors they raise are transient (``db.errors.is_transient``), so
     the batch is retried and, past the retry budget, redone from Kafka.
     """
     return {
@@ -203,47 +200,3 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
 
 
 # -- errors, by SQLSTATE class (as psycopg.errors groups them) ----------------------------
-
-#: SQLSTATE classes (the first two characters) a retry of the whole transaction can cure.
-TRANSIENT_CLASSES: Final = {
-    "08": "connection exception",
-    "40": "transaction rollback (serialization failure, deadlock)",
-    "53": "insufficient resources",
-    "57": "operator intervention (shutdown, cancel; 57014 statement_timeout)",
-    "58": "system error",
-}
-#: Single states of other classes that are transient too: the worker's timeouts.
-TRANSIENT_STATES: Final = {
-    "55P03": "lock_not_available (lock_timeout)",
-    "25P03": "idle_in_transaction_session_timeout",
-    "25P04": "transaction_timeout",
-}
-#: A value was rejected: the request faults, the batch is redone without it.
-DATA_CLASSES: Final = {"22": "data exception", "23": "integrity constraint violation"}
-DATA_STATES: Final = {"42804": "datatype_mismatch"}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures a retry of the whole transaction can cure."""
-    if isinstance(exc, TransientError | asyncio.TimeoutError | OSError):
-        return True
-    if isinstance(
-        exc,
-        asyncpg.InterfaceError
-        | asyncpg.InternalClientError  # a connection left mid-operation ("cannot switch to state")
-        | asyncpg.InvalidCachedStatementError
-        | asyncpg.exceptions.PostgresConnectionError,
-    ):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        return state[:2] in TRANSIENT_CLASSES or state in TRANSIENT_STATES
-    return False
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """A value was rejected (class 22 data exception, 23 integrity, 42804 type mismatch)."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        return state[:2] in DATA_CLASSES or state in DATA_STATES
-    return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from processor.contract import AttributeMetadata, EntityMetadata
-from processor.registry import Column, Entity
+from processor.db.registry import Column, Entity
 
 __all__ = ["entity_metadata", "render_table"]
 

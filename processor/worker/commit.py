@@ -35,12 +35,13 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from processor import kafka, kip447
 from processor.errors import ConfigError
-from processor.intake import OutRecord
+from processor.kafka import clients as kafka
+from processor.kafka import kip447
 from processor.log import get_logger
 from processor.metrics import Metrics
-from processor.retry import GaveUp, Retry
+from processor.worker.intake import OutRecord
+from processor.worker.retry import GaveUp, Retry
 
 __all__ = [
     "Batch",

@@ -2,14 +2,14 @@
 
 A thin loop over four parts, each in its own module:
 
-1. :mod:`processor.ownership`: which partitions this worker holds, where each starts
+1. :mod:`processor.worker.ownership`: which partitions this worker holds, where each starts
    (the group's committed offset, read stable), and the rewinds;
-2. :mod:`processor.intake`: records decoded; bad ones become fault replies and dead
+2. :mod:`processor.worker.intake`: records decoded; bad ones become fault replies and dead
    letters without touching the database;
-3. :mod:`processor.lanes` and :mod:`processor.applier`: the good ones split into lanes
-   by the rows they touch, the lanes applied concurrently, each one database transaction
+3. :mod:`processor.worker.lanes` and :mod:`processor.worker.applier`: the good ones split
+   into lanes by the rows they touch, the lanes applied concurrently, each one database transaction
    (the engine) writing the rows and the request ledger;
-4. :mod:`processor.commit`: the batch's replies, dead letters and next offsets of all
+4. :mod:`processor.worker.commit`: the batch's replies, dead letters and next offsets of all
    its partitions in one Kafka transaction of the worker's one transactional producer,
    the offsets fenced by the group generation the batch was fetched under (KIP-447).
 
@@ -41,9 +41,15 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from processor import kafka, kip447
-from processor.applier import Applier, GaveUp
-from processor.commit import (
+from processor.config import Settings
+from processor.engine.engine import Engine, Envelope, Outcome, rows_of
+from processor.kafka import clients as kafka
+from processor.kafka import kip447
+from processor.log import get_logger
+from processor.metrics import Metrics
+from processor.worker.accounting import Accounting
+from processor.worker.applier import Applier, GaveUp
+from processor.worker.commit import (
     COMMIT_RETRY_SECONDS,
     Batch,
     CommitPipeline,
@@ -51,23 +57,15 @@ from processor.commit import (
     Transactions,
     WorkerIdInUse,
 )
-from processor.config import Settings
-from processor.engine import Engine, Envelope, Outcome, rows_of
-from processor.errors import InvalidArgument
-from processor.intake import (
+from processor.worker.intake import (
     Message,
     OutRecord,
     Rejected,
-    admit,
-    outcome_records,
-    rejected_records,
 )
-from processor.lanes import lane_count, split
-from processor.log import get_logger
-from processor.metrics import Metrics
-from processor.ownership import Ownership
-from processor.reply_routes import ReplyRoutes
-from processor.retry import Retry
+from processor.worker.lanes import lane_count, split
+from processor.worker.ownership import Ownership
+from processor.worker.reply_routes import ReplyRoutes
+from processor.worker.retry import Retry
 
 __all__ = ["Worker"]
 
@@ -125,10 +123,8 @@ class Worker:
         # it returns the partitions to rewind, and where.
         self._committing: asyncio.Task[dict[TopicPartition, int]] | None = None
         self._fatal: BaseException | None = None
-        # Partitions rewound after a commit that did not (or may not) land: before their
-        # next batch, their position is checked against the committed offset.
-        self._verify: set[TopicPartition] = set()
         self._routes = ReplyRoutes(self._access, settings.reply_topic)
+        self._accounting = Accounting(settings, metrics)
         self._last_poll = 0.0
 
     def ready(self) -> bool:
@@ -227,7 +223,7 @@ class Worker:
             if task.done():
                 self._committing = None
         self.ownership.rewind(rewinds)
-        self._verify.update(rewinds)
+        self.ownership.unverified.update(rewinds)
         return rewinds
 
     async def _handle(self, fetched: dict[TopicPartition, list[Any]]) -> None:
@@ -237,26 +233,11 @@ class Worker:
         group = kip447.group_metadata(self.consumer)
         now = datetime.now(UTC)
         owned = self.ownership.owned(fetched)
-        if self._verify & owned.keys():
-            owned = await self._verified(owned)
-        stalled = time.monotonic() - self._last_poll
-        if owned and (stalled > STALL_SECONDS or not group.is_member):
-            # The group's Kafka commit would refuse this batch, but its database writes
-            # would land first, possibly ahead of the new owner's on the same rows. Not a
-            # member at all: aiokafka, told by a refused heartbeat, dropped the membership
-            # and keeps the old assignment (and hands out its records) until it rejoins.
-            problem = await kip447.membership_problem(self.consumer)
-            if problem is not None:
-                self.metrics.fenced.labels("stalled").inc()
-                log.warning(
-                    "no longer a current member of the group: the fetched records are "
-                    "left to the group",
-                    stalled_seconds=round(stalled, 1),
-                    problem=problem,
-                )
-                self.ownership.rewind({tp: records[0].offset for tp, records in owned.items()})
-                await self.settle()
-                return
+        if self.ownership.unverified & owned.keys():
+            owned = await self.ownership.verified(owned, self._committed)
+        if owned and not await self._still_member(owned, group):
+            await self.settle()
+            return
         total = sum(len(r) for r in owned.values())
         if not total:
             await self.settle()
@@ -265,7 +246,7 @@ class Worker:
         self.metrics.batch_size.observe(total)
         admitted: list[tuple[Message, Envelope | Rejected]] = []
         for records in owned.values():
-            admitted.extend((r, self._admit(r, now)) for r in records)
+            admitted.extend((r, self._accounting.admit(r, now)) for r in records)
         admitted = await self._routes.check(admitted, now)
 
         good = [(m, item) for m, item in admitted if isinstance(item, Envelope)]
@@ -308,7 +289,7 @@ class Worker:
         out: list[OutRecord] = []
         for message, item in admitted:
             if TopicPartition(message.topic, message.partition) in owned:
-                out.extend(self._records_of(message, item, outcomes, now))
+                out.extend(self._accounting.records_of(message, item, outcomes, now))
         batch = Batch(
             records=out,
             first={tp: records[0].offset for tp, records in owned.items()},
@@ -317,6 +298,33 @@ class Worker:
             timestamps=[r.timestamp for records in owned.values() for r in records],
         )
         self._committing = asyncio.create_task(self._commit(batch), name="commit")
+
+    async def _still_member(
+        self, owned: dict[TopicPartition, list[Any]], group: kip447.GroupMetadata
+    ) -> bool:
+        """False, the records rewound, when this worker may no longer be a current member.
+
+        The group's Kafka commit would refuse the batch, but its database writes would land
+        first, possibly ahead of the new owner's on the same rows. Asked after a stall, or
+        when not a member at all: aiokafka, told by a refused heartbeat, dropped the
+        membership and keeps the old assignment (and hands out its records) until it
+        rejoins.
+        """
+        assert self.consumer is not None
+        stalled = time.monotonic() - self._last_poll
+        if stalled <= STALL_SECONDS and group.is_member:
+            return True
+        problem = await kip447.membership_problem(self.consumer)
+        if problem is None:
+            return True
+        self.metrics.fenced.labels("stalled").inc()
+        log.warning(
+            "no longer a current member of the group: the fetched records are left to the group",
+            stalled_seconds=round(stalled, 1),
+            problem=problem,
+        )
+        self.ownership.rewind({tp: records[0].offset for tp, records in owned.items()})
+        return False
 
     async def _committed(
         self, partitions: Sequence[TopicPartition]
@@ -330,38 +338,6 @@ class Worker:
             for tp in partitions
         }
 
-    async def _verified(
-        self, owned: dict[TopicPartition, list[Any]]
-    ) -> dict[TopicPartition, list[Any]]:
-        """Owned records, less those of rewound partitions whose committed offset is past
-        where the rewind put them: a commit given up on Kafka's silence may have landed
-        (then the records are answered already), or a new owner may have moved on."""
-        checked = self._verify & owned.keys()
-        try:
-            committed = await self._committed(sorted(checked, key=lambda tp: tp.partition))
-        except (KafkaError, TimeoutError, OSError) as exc:
-            log.warning("cannot read committed offsets yet", error=repr(exc)[:300])
-            self.ownership.rewind({tp: owned[tp][0].offset for tp in checked})
-            return {tp: r for tp, r in owned.items() if tp not in checked}
-        self._verify -= checked
-        keep = dict(owned)
-        for tp in checked:
-            offset = committed.get(tp)
-            # Only ever forward: the rewind point was itself committed (offsets move only
-            # through committed transactions), so an answer below it is stale. Kafka 4.3's
-            # coordinator was seen (ops/chaos, broker kill -9) answering, after a restart,
-            # offsets thousands of records old; moving back there republished them all.
-            if offset is not None and offset > owned[tp][0].offset:
-                log.info(
-                    "partition moved to its committed offset",
-                    partition=tp.partition,
-                    committed=offset,
-                    fetched_from=owned[tp][0].offset,
-                )
-                self.ownership.rewind({tp: offset})
-                del keep[tp]
-        return keep
-
     async def _commit(self, batch: Batch) -> dict[TopicPartition, int]:
         """Commit a batch; returns the partitions to read again, and where."""
         try:
@@ -370,75 +346,5 @@ class Worker:
             self.metrics.in_flight.set(0)
         if not committed:
             return dict(batch.first)
-        done = time.time()
-        for timestamp in batch.timestamps:
-            self.metrics.latency.observe(max(0.0, done - timestamp / 1000))
-        if self.consumer is not None:
-            for tp, next_offset in batch.next.items():
-                high = self.consumer.highwater(tp)
-                if high is not None:
-                    self.metrics.lag.labels(str(tp.partition)).set(high - next_offset)
-        log.debug(
-            "batch committed",
-            partitions=sorted(tp.partition for tp in batch.next),
-            records=len(batch.timestamps),
-        )
+        self._accounting.committed(batch, self.consumer)
         return {}
-
-    def _records_of(
-        self,
-        message: Message,
-        item: Envelope | Rejected,
-        outcomes: dict[tuple[int, int], Outcome],
-        now: datetime,
-    ) -> list[OutRecord]:
-        """The reply and dead-letter records of one request; counts and logs its outcome."""
-        settings = self.settings
-        if isinstance(item, Rejected):
-            self._count(item.reply.type if item.reply else None, "fault", item.fault.code)
-            self.metrics.dead_letters.inc()
-            log.warning(
-                "dead letter",
-                partition=message.partition,
-                offset=message.offset,
-                request_id=item.request_id,
-                error=item.fault.message[:200],
-            )
-            return rejected_records(
-                item, reply_topic=settings.reply_topic, dlq_topic=settings.dlq_topic, now=now
-            )
-        outcome = outcomes[(message.partition, message.offset)]
-        reply = outcome.reply
-        self._count(reply.type, reply.status, reply.fault.code if reply.fault else None)
-        if outcome.replayed:
-            self.metrics.replayed.inc()
-        if outcome.dead_letter:
-            self.metrics.dead_letters.inc()
-        if reply.fault is not None:
-            log.info(
-                "fault",
-                request_id=reply.request_id,
-                entity=reply.entity,
-                partition=message.partition,
-                offset=message.offset,
-                code=reply.fault.code,
-            )
-        return outcome_records(
-            item,
-            message,
-            outcome,
-            reply_topic=settings.reply_topic,
-            dlq_topic=settings.dlq_topic,
-            now=now,
-        )
-
-    def _admit(self, message: Message, now: datetime) -> Envelope | Rejected:
-        try:
-            return admit(message, max_bytes=self.settings.max_message_bytes, now=now)
-        except Exception as exc:  # admit() is built never to raise: this is the last guard
-            log.exception("intake failed", partition=message.partition, offset=message.offset)
-            fault = InvalidArgument(f"undecodable message ({type(exc).__name__})")
-            return Rejected(message, fault, None, None, None)
-
-    def _count(self, type_: str | None, status: str, code: int | None) -> None:
-        self.metrics.requests.labels(type_ or "unknown", status, str(code or "")).inc()

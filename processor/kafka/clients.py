@@ -21,9 +21,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import TopicAlreadyExistsError
 
-from processor import kip447
 from processor.errors import ConfigError, ProcessorError, ServiceUnreachable
-from processor.kafka_access import KafkaAccess, Secret, ssl_reason
+from processor.kafka import kip447
+from processor.kafka.access import KafkaAccess, Secret, ssl_reason
 
 __all__ = [
     "KafkaAccess",

@@ -7,7 +7,7 @@ hold every privilege of the plan and nothing that lets it change the schema (sup
 CREATE on a schema or the database, ownership of a table, extra table privileges).
 ``processor migrate`` stays a job for the owner.
 
-What the worker's SQL (processor/statements.py, processor/ledger.py) needs, per entity:
+What the worker's SQL (processor/db/statements.py, processor/db/ledger.py) needs, per entity:
 
 * ``SELECT`` on the whole table: its UPDATE rebuilds each row from the current one
   (``jsonb_populate_record(c, ...)``, a whole-row reference), and PostgreSQL checks a
@@ -35,10 +35,10 @@ from typing import Final
 
 from processor.config import Settings
 from processor.db import Connection, connect
+from processor.db.ledger import Ledger
+from processor.db.registry import Registry, load_registry, quote
 from processor.errors import ConfigError, ProcessorError
-from processor.ledger import Ledger
 from processor.names import is_identifier
-from processor.registry import Registry, load_registry, quote
 
 __all__ = [
     "Plan",

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from processor.engine import Engine, Envelope, Outcome, is_transient
-from processor.intake import Message
+from processor.engine.engine import Engine, Envelope, Outcome, is_transient
 from processor.log import get_logger
 from processor.metrics import Metrics
-from processor.retry import GaveUp, Retry
+from processor.worker.intake import Message
+from processor.worker.retry import GaveUp, Retry
 
 __all__ = ["DATABASE_RETRY_SECONDS", "Applier", "GaveUp"]
 

@@ -46,9 +46,13 @@ from processor.contract import (
     encode_reply,
     fault_detail,
 )
-from processor.db import Connection, is_transient
-from processor.engine import Engine, _Batch, _DataError, _Job, _rounds, _shown
-from processor.envelope import Envelope, Outcome
+from processor.db import Connection
+from processor.db.errors import as_transient
+from processor.engine.checks import _Batch, _DataError, _Job, _rounds, _shown
+from processor.engine.engine import Engine
+from processor.engine.envelope import Envelope, Outcome
+from processor.engine.metadata import entity_metadata
+from processor.engine.outcomes import duplicate, fault_outcome, fault_reply, ledger_entry
 from processor.errors import (
     FAULT_TYPES,
     DuplicateRequest,
@@ -56,11 +60,8 @@ from processor.errors import (
     Fault,
     RequestExpired,
     RequestTooLarge,
-    TransientError,
     UnexpectedError,
 )
-from processor.ledger import LedgerEntry
-from processor.metadata import entity_metadata
 
 __all__ = ["MAX_REPLY_BYTES", "process_mixed"]
 
@@ -86,14 +87,8 @@ async def process_mixed(
         if run:
             outcomes.extend(await engine.process(conn, run))
             run = []
-        try:
+        with as_transient():
             outcomes.append(await _process_one(engine, conn, env))
-        except TransientError:
-            raise
-        except Exception as exc:
-            if is_transient(exc):
-                raise TransientError(f"{type(exc).__name__}: {exc}") from exc
-            raise
     if run:
         outcomes.extend(await engine.process(conn, run))
     return outcomes
@@ -175,14 +170,14 @@ async def _transaction(
     for index, inner in enumerate(req.requests):
         ienv = Envelope.of(inner, env.source)
         if inner.request_id in known:
-            failed = (index, engine._duplicate(ienv, batch.now))
+            failed = (index, duplicate(ienv, batch.now))
             break
         try:
             jobs.append(engine._prepare(index, ienv, batch.now))
         except Fault as exc:
             failed = (
                 index,
-                engine._fault_reply(ienv, exc, batch.now, engine._resolved_behavior(inner)),
+                fault_reply(ienv, exc, batch.now, engine._resolved_behavior(inner)),
             )
             break
     mark = len(batch.entries)
@@ -334,13 +329,13 @@ async def _each(
     for index, inner in enumerate(req.requests):
         ienv = Envelope.of(inner, env.source)
         if inner.request_id in known:
-            outcome = engine._duplicate(ienv, batch.now)
+            outcome = duplicate(ienv, batch.now)
         else:
             try:
                 job = engine._prepare(index, ienv, batch.now)
             except Fault as exc:
                 behavior = engine._resolved_behavior(inner)
-                outcome = engine._fault_outcome(ienv, exc, batch, behavior)
+                outcome = fault_outcome(ienv, exc, batch, behavior)
             else:
                 await engine._run_isolated(conn, job, batch)  # its own savepoint
                 assert job.outcome is not None
@@ -437,22 +432,8 @@ def _replayed(reply: Reply, data: bytes) -> Outcome:
 
 def _record(env: Envelope, outcome: Outcome, batch: _Batch) -> None:
     """The outer request's ledger row: its whole reply; the inner rows hold the writes."""
-    reply, src, req = outcome.reply, env.source, env.request
+    req = env.request
+    entity = req.entity if isinstance(req, RetrieveEntityRequest) else ""
     batch.entries.append(
-        LedgerEntry(
-            request_id=reply.request_id,
-            fingerprint=env.fingerprint,
-            type=str(reply.type),
-            entity=req.entity if isinstance(req, RetrieveEntityRequest) else "",
-            record_id="",
-            status=reply.status,
-            fault_code=reply.fault.code if reply.fault else None,
-            applied=False,
-            writes=None,
-            reply=outcome.data,
-            source_topic=src.topic if src else None,
-            source_partition=src.partition if src else None,
-            source_offset=src.offset if src else None,
-            processed_at=batch.now,
-        )
+        ledger_entry(env, outcome, batch, entity=entity, record_id="", writes=None, applied=False)
     )
