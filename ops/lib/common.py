@@ -1,7 +1,7 @@
 """What more than one ops command needs: the repository's paths, progress lines, free ports.
 
 The rest they share is in :mod:`processor.tools` (processes through /proc, ``processor run``
-subprocesses, percentiles and Zipf weights) and :func:`processor.kafka.read_spans` (a
+subprocesses, percentiles and Zipf weights) and :func:`processor.kafka.clients.read_spans` (a
 topic read to its end).
 """
 
