@@ -1,4 +1,4 @@
-"""Generate the published contract in ``schemas/`` from the code (``python -m processor.schemas``).
+"""Generate the published contract in ``schemas/`` from the code (``processor schemas``).
 
 Files, all derived from :mod:`processor.contract`, :mod:`processor.errors` and the default
 topic names in :class:`processor.config.Settings`:
@@ -243,8 +243,7 @@ def _faults_markdown() -> str:
     lines = [
         "# Fault codes",
         "",
-        "Generated from `processor.errors.FAULT_TYPES` by `python -m processor.schemas`;"
-        " do not edit.",
+        "Generated from `processor.errors.FAULT_TYPES` by `processor schemas`; do not edit.",
         "",
         "A fault reply carries `fault.code`, `fault.name`, `fault.message` and"
         " `fault.retryable`, and where it applies `fault.path` (e.g. `related[1]`,"
@@ -548,7 +547,7 @@ def drifted(directory: Path = DEFAULT_DIR) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m processor.schemas", description="Generate schemas/ from the code."
+        prog="processor schemas", description="Generate schemas/ from the code."
     )
     parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 listing files that drifted"
@@ -559,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         stale = drifted(directory)
         for name in stale:
-            print(f"{directory / name}: out of date; run `python -m processor.schemas`")
+            print(f"{directory / name}: out of date; run `processor schemas`")
         return 1 if stale else 0
     directory.mkdir(parents=True, exist_ok=True)
     for name, content in generate().items():
