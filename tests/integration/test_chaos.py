@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from processor.chaos import ALL_ANOMALIES, CLUSTER_FAULT_KINDS, FAULT_KINDS
+from processor.tools.chaos_check import ALL_ANOMALIES, CLUSTER_FAULT_KINDS, FAULT_KINDS
 from tests.support import ROOT
 
 pytestmark = [pytest.mark.chaos, pytest.mark.faults, pytest.mark.timeout(420)]

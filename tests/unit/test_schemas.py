@@ -20,7 +20,7 @@ from processor.contract import (
     encode_reply,
 )
 from processor.errors import FAULT_TYPES, InvalidArgument
-from processor.schemas import DEFAULT_DIR, generate, main
+from processor.tools.schemas import DEFAULT_DIR, generate, main
 
 jsonschema = pytest.importorskip("jsonschema")
 

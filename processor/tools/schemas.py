@@ -48,7 +48,7 @@ from processor.errors import FAULT_TYPES
 __all__ = ["DEFAULT_DIR", "generate", "main"]
 
 #: ``schemas/`` at the repository root (next to the ``processor`` package).
-DEFAULT_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
 
 _DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 #: Processor-specific fault codes live in this block, which Dataverse does not use.
@@ -491,7 +491,7 @@ def _package_version() -> str:
 
     The checkout wins so that the output does not depend on how the package is installed.
     """
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
         with pyproject.open("rb") as f:
             return str(tomllib.load(f)["project"]["version"])
