@@ -487,7 +487,7 @@ def _problem(fault: Fault) -> str:
 
 
 async def _demo(settings: Settings, setup_only: bool) -> int:
-    from processor.demo import install_demo, run_demo
+    from processor.tools.demo import install_demo, run_demo
 
     if setup_only:
         registry = await install_demo(settings)
@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             aiokafka_log.addFilter(_BootstrapNoise())
         command = args.command
         if command == "schemas":
-            import processor.schemas as schemas
+            import processor.tools.schemas as schemas
 
             return schemas.main(["--check"] if args.check else [])
         coro = {

@@ -80,11 +80,50 @@ log = get_logger("processor.client")
 _encoder: Final = msgspec.json.Encoder()
 
 
-# Over the ~250-line budget on purpose (~370): one object owns the producer, the reply
-# consumer, the callers' futures and the reply-partition state that a rebalance changes
-# (owned, sent, resent, start_positions, all read by tools and tests); split further, that
-# state would be shared between objects and forwarded. The request types are apart
-# (requests.py).
+class Waiters:
+    """The futures of the callers awaiting a reply, by request_id (one id may have several)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, list[asyncio.Future[Reply]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._by_id
+
+    def add(self, rid: str) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._by_id.setdefault(rid, []).append(future)
+        return future
+
+    def forget(self, rid: str, future: asyncio.Future[Reply]) -> None:
+        waiters = self._by_id.get(rid)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(future)
+            if not waiters:
+                del self._by_id[rid]
+        future.cancel()
+
+    def deliver(self, reply: Reply) -> None:
+        for future in self._by_id.pop(reply.request_id, ()):
+            if not future.done():
+                future.set_result(reply)
+
+    def fail_all(self, error: ProcessorError) -> None:
+        for waiters in self._by_id.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(error)
+        self._by_id.clear()
+
+
+# Over the ~250-line budget on purpose: one object owns the producer, the reply consumer
+# and the reply-partition state that a rebalance changes (owned, sent, resent,
+# start_positions, all read by tools and tests); split further, that state would be shared
+# between objects and forwarded. The callers' futures are apart (Waiters), and so are the
+# request types (requests.py).
 class Client(RequestMethods):
     """Requests to the workers and their replies; use ``async with`` (or start/close)."""
 
@@ -131,7 +170,7 @@ class Client(RequestMethods):
         self._producer: Any = None
         self._consumer: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[str, list[asyncio.Future[Reply]]] = {}
+        self._pending = Waiters()
         self._broken: ProcessorError | None = None
         #: The reply partitions this client reads now.
         self.owned: frozenset[int] = frozenset()
@@ -267,7 +306,7 @@ class Client(RequestMethods):
 
     async def _resend(self, request: Request) -> None:
         try:
-            await self._produce(request, [("request_id", request.request_id.encode())])
+            await self._produce(request, _headers(request.request_id, None))
         except (KafkaError, TimeoutError) as exc:  # the caller's timeout reports it
             log.warning("resend failed", request_id=request.request_id, error=repr(exc))
 
@@ -288,7 +327,7 @@ class Client(RequestMethods):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
-        self._fail_all(ProcessorError("client closed"))
+        self._pending.fail_all(ProcessorError("client closed"))
         for task in list(self._background):
             task.cancel()
         await _stop(self._producer, self._consumer)
@@ -302,10 +341,7 @@ class Client(RequestMethods):
         Raises :class:`ReplyTimeout` when no reply came within ``timeout`` (the client's
         by default), :class:`TransientError` when Kafka refused the request.
         """
-        if self._producer is None:
-            raise RuntimeError("client not started (use `async with Client(...)`)")
-        if self._broken is not None:
-            raise self._broken
+        self._check_usable()
         if request.reply_to not in (None, self.reply_topic):
             raise ValueError(f"this client reads replies on {self.reply_topic!r} only")
         if request.reply_partition is not None and (
@@ -314,11 +350,8 @@ class Client(RequestMethods):
             raise ValueError("reply_partition is the client's to stamp (reply_partitions=...)")
         limit = self.timeout if timeout is None else timeout
         rid = request.request_id
-        headers = [("request_id", rid.encode())]
-        if traceparent:
-            headers.append(("traceparent", traceparent.encode()))
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(rid, []).append(future)  # before sending: a reply can be fast
+        headers = _headers(rid, traceparent)
+        future = self._pending.add(rid)  # before sending: a reply can be fast
         started = time.monotonic()
         reply: Reply | None = None
         try:
@@ -332,7 +365,7 @@ class Client(RequestMethods):
         except KafkaError as exc:
             raise TransientError(f"cannot send {rid!r} (resending it is safe): {exc!r}") from exc
         finally:
-            self._forget(rid, future)
+            self._pending.forget(rid, future)
             if rid not in self._pending:
                 self._sent.pop(rid, None)
             if self.observer is not None:
@@ -356,16 +389,10 @@ class Client(RequestMethods):
         body, or from the header). Nothing is stamped: the reply goes where the value says
         (the workers' default reply topic if it names none), so read that topic.
         """
-        if self._producer is None:
-            raise RuntimeError("client not started (use `async with Client(...)`)")
-        if self._broken is not None:
-            raise self._broken
+        self._check_usable()
         limit = self.timeout if timeout is None else timeout
-        headers = [("request_id", request_id.encode())]
-        if traceparent:
-            headers.append(("traceparent", traceparent.encode()))
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(request_id, []).append(future)
+        headers = _headers(request_id, traceparent)
+        future = self._pending.add(request_id)
         try:
             async with asyncio.timeout(limit):
                 await self._producer.send_and_wait(
@@ -377,7 +404,13 @@ class Client(RequestMethods):
         except KafkaError as exc:
             raise TransientError(f"cannot send {request_id!r}: {exc!r}") from exc
         finally:
-            self._forget(request_id, future)
+            self._pending.forget(request_id, future)
+
+    def _check_usable(self) -> None:
+        if self._producer is None:
+            raise RuntimeError("client not started (use `async with Client(...)`)")
+        if self._broken is not None:
+            raise self._broken
 
     def context(
         self, concurrency_behavior: Behavior = "Default", *, continue_on_error: bool = False
@@ -401,22 +434,6 @@ class Client(RequestMethods):
                 fields["reply_partition"] = self._pick()
         return msgspec.structs.replace(request, **fields) if fields else request
 
-    def _forget(self, rid: str, future: asyncio.Future[Reply]) -> None:
-        waiters = self._pending.get(rid)
-        if waiters is not None:
-            with contextlib.suppress(ValueError):
-                waiters.remove(future)
-            if not waiters:
-                del self._pending[rid]
-        future.cancel()
-
-    def _fail_all(self, error: ProcessorError) -> None:
-        for waiters in self._pending.values():
-            for future in waiters:
-                if not future.done():
-                    future.set_exception(error)
-        self._pending.clear()
-
     async def _read(self) -> None:
         try:
             while True:
@@ -435,7 +452,7 @@ class Client(RequestMethods):
         except Exception as exc:
             log.exception("reply consumer failed")
             self._broken = ProcessorError(f"the client's reply consumer failed: {exc!r}")
-            self._fail_all(self._broken)
+            self._pending.fail_all(self._broken)
 
     def _deliver(self, headers: Sequence[tuple[str, bytes]], value: bytes | None) -> None:
         for key, raw in headers:
@@ -448,9 +465,7 @@ class Client(RequestMethods):
             reply = decode_reply(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        for future in self._pending.pop(reply.request_id, ()):
-            if not future.done():
-                future.set_result(reply)
+        self._pending.deliver(reply)
 
 
 class _ReplyRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -462,6 +477,13 @@ class _ReplyRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self._client.adopt(assigned)
+
+
+def _headers(request_id: str, traceparent: str | None) -> list[tuple[str, bytes]]:
+    headers = [("request_id", request_id.encode())]
+    if traceparent:
+        headers.append(("traceparent", traceparent.encode()))
+    return headers
 
 
 async def _partitions(producer: Any, topic: str) -> set[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from processor.client import Client
 from tests.conftest import Endpoints
 from tests.integration.engine_kit import Kit
 from tests.integration.harness import Scenario
@@ -29,3 +30,15 @@ async def scenario(
 async def kit(pg: asyncpg.Connection, db_schema: str) -> Kit:
     """The engine over the test's schema: its tables, registry and ledger (engine_kit.py)."""
     return await Kit.create(pg, db_schema)
+
+
+@pytest.fixture
+async def client(scenario: Scenario) -> AsyncIterator[Client]:
+    """A started client on the scenario's topics (60 s per reply: workers join slowly)."""
+    async with Client(
+        scenario.kafka,
+        request_topic=scenario.request_topic,
+        reply_topic=scenario.reply_topic,
+        timeout=60,
+    ) as c:
+        yield c

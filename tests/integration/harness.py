@@ -297,8 +297,9 @@ async def wait_for_leaders(bootstrap: str, topics: Sequence[str], partitions: in
         await producer.stop()
 
 
-def updates(keys: Sequence[int], per_key: int, run: str) -> list[dict[str, Any]]:
-    """Interleaved updates: request i of key k sets seq=i; order per key is 0..per_key-1."""
+def updates(keys: Sequence[int], seqs: int | Sequence[int], run: str) -> list[dict[str, Any]]:
+    """Interleaved updates: request i of key k sets seq=i; order per key is the order of
+    ``seqs`` (a number n: 0..n-1)."""
     return [
         {
             "type": "update",
@@ -307,7 +308,7 @@ def updates(keys: Sequence[int], per_key: int, run: str) -> list[dict[str, Any]]
             "id": k,
             "attributes": {"seq": i, "last_request": f"{run}-{k}-{i}"},
         }
-        for i in range(per_key)
+        for i in (range(seqs) if isinstance(seqs, int) else seqs)
         for k in keys
     ]
 
@@ -339,6 +340,18 @@ async def check_exactly_once(
         assert seqs == sorted(seqs), f"key {key} applied out of order: {seqs[:20]}"
     ledger = await conn.fetchval(f"SELECT count(*) FROM {schema}.request_ledger WHERE applied")
     assert ledger == len(ids)
+
+
+async def answered_once(s: Scenario, requests: list[dict[str, Any]]) -> None:
+    """Every request answered once and applied once (``check_exactly_once``); the workers
+    still running."""
+    replies = await s.replies(expect=len(requests), timeout=240)
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        await check_exactly_once(conn, s.schema, replies, requests)
+    finally:
+        await conn.close()
+    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
 
 
 def json_log_lines(path: Path) -> list[dict[str, Any]]:

@@ -27,10 +27,11 @@ pytest.importorskip("faststream", reason="the bench dependency group is not inst
 pytest.importorskip("matplotlib", reason="the bench dependency group is not installed")
 
 
-@pytest.mark.timeout(600)
-async def test_quick_bench_runs_and_its_checks_pass(
-    stack_endpoints: Endpoints, tmp_path: Path
-) -> None:
+async def _bench(
+    stack_endpoints: Endpoints, tmp_path: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``ops/bench *args`` on a database of its own (dropped after), its report, plots and
+    work files under ``tmp_path``."""
     database = f"bench_test_{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -39,20 +40,31 @@ async def test_quick_bench_runs_and_its_checks_pass(
     }
     command = [
         str(ROOT / "ops" / "bench"),
-        "--quick",
-        *("--requests", "300", "--keys", "60", "--load-seconds", "1"),
-        *("--backlogs", "100,300", "--database", database),
+        *args,
+        *("--database", database, "--workdir", str(tmp_path / "work")),
         *("--report", str(tmp_path / "BENCHMARKS.md"), "--plots", str(tmp_path / "plots")),
-        *("--workdir", str(tmp_path / "work")),
     ]
     try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=580)
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=580)
     finally:
         conn = await asyncpg.connect(stack_endpoints.database_url)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+@pytest.mark.timeout(600)
+async def test_quick_bench_runs_and_its_checks_pass(
+    stack_endpoints: Endpoints, tmp_path: Path
+) -> None:
+    run = await _bench(
+        stack_endpoints,
+        tmp_path,
+        "--quick",
+        *("--requests", "300", "--keys", "60", "--load-seconds", "1"),
+        *("--backlogs", "100,300"),
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     report = (tmp_path / "BENCHMARKS.md").read_text()
     results = json.loads((tmp_path / "plots" / "results.json").read_text())
@@ -93,34 +105,19 @@ async def test_bench_runs_a_baseline_commit_from_a_worktree_next_to_the_current_
     """--baseline HEAD: the same processor contender run from a worktree of HEAD, beside the
     current tree's, at 3 partitions; the old-vs-new section lists both, the worktree is gone
     after the run."""
-    database = f"bench_test_{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": stack_endpoints.kafka_bootstrap,
-        "DATABASE_URL": stack_endpoints.database_url,
-    }
     short = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    command = [
-        str(ROOT / "ops" / "bench"),
+    run = await _bench(
+        stack_endpoints,
+        tmp_path,
         *("--quick", "--only", "processor", "--baseline", "HEAD", "--partitions", "3"),
         *("--workers", "1", "--lanes", "2", "--idle-requests", "10"),
-        *("--requests", "200", "--keys", "50", "--load-seconds", "1", "--database", database),
-        *("--report", str(tmp_path / "BENCHMARKS.md"), "--plots", str(tmp_path / "plots")),
-        *("--workdir", str(tmp_path / "work")),
-    ]
-    try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=580)
-    finally:
-        conn = await asyncpg.connect(stack_endpoints.database_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        *("--requests", "200", "--keys", "50", "--load-seconds", "1"),
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((tmp_path / "plots" / "results.json").read_text())
     by_name = {e["drain"]["name"]: e for e in results["contenders"]}

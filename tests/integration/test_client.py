@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,17 +32,6 @@ from processor.errors import (
 from tests.integration.harness import Scenario
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-async def client(scenario: Scenario) -> AsyncIterator[Client]:
-    async with Client(
-        scenario.kafka,
-        request_topic=scenario.request_topic,
-        reply_topic=scenario.reply_topic,
-        timeout=60,
-    ) as c:
-        yield c
 
 
 async def until_answered(client: Client, scenario: Scenario, limit: float = 90) -> None:

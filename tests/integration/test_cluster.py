@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from ops.lib.common import free_block
 from processor.client import Client
 from processor.contract import decode_reply
-from tests.integration.harness import Scenario, check_exactly_once
+from tests.integration.harness import Scenario, answered_once, updates
 from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(900)]
@@ -138,20 +138,6 @@ async def scenario(cluster: ClusterStack, tmp_path: Path) -> AsyncIterator[Scena
     s.stop_all()
 
 
-def _updates(keys: range, seqs: range, tag: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "type": "update",
-            "request_id": f"{tag}-{k}-{i}",
-            "entity": "acct",
-            "id": k,
-            "attributes": {"seq": i, "last_request": f"{tag}-{k}-{i}"},
-        }
-        for i in seqs
-        for k in keys
-    ]
-
-
 def _family(pid: int) -> list[int]:
     """A postmaster and its children (backends, walreceiver, ...)."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
@@ -196,13 +182,13 @@ async def test_an_update_acknowledged_before_a_failover_is_present_after_it(
     s = scenario
     old_primary, _ = cluster.pg("primary")
     s.start_worker()
-    acknowledged = _updates(range(1, 21), range(0, 5), f"{s.run}-a")
+    acknowledged = updates(range(1, 21), range(0, 5), f"{s.run}-a")
     await s.send(acknowledged)
     replies = await s.replies(expect=len(acknowledged), timeout=180)
     assert {r.request_id for r in replies} == {r["request_id"] for r in acknowledged}
     assert all(r.status == "success" for r in replies)
 
-    across = _updates(range(1, 21), range(5, 25), f"{s.run}-b")
+    across = updates(range(1, 21), range(5, 25), f"{s.run}-b")
     sender = asyncio.create_task(s.send(across, rate=100))
     await asyncio.to_thread(cluster.run, "failover")
     await sender
@@ -212,7 +198,7 @@ async def test_an_update_acknowledged_before_a_failover_is_present_after_it(
     present = await _ledger_ids(cluster.database_url, s.schema)
     missing = {r["request_id"] for r in acknowledged} - present
     assert not missing, f"acknowledged before the failover, gone after it: {sorted(missing)[:5]}"
-    await _answered_once(cluster, s, acknowledged + across)
+    await answered_once(s, acknowledged + across)
 
 
 @contextlib.asynccontextmanager
@@ -223,7 +209,7 @@ async def _standby_frozen(
     update sent, whose COMMIT then waits for the standby (wait event SyncRep). Yields
     (warm-up, stuck); the standby resumes (SIGCONT) on exit."""
     s.start_worker()
-    warm = _updates(range(1, 2), range(0, 1), f"{s.run}-warm")
+    warm = updates(range(1, 2), range(0, 1), f"{s.run}-warm")
     await s.send(warm)
     assert len(await s.replies(expect=1, timeout=180)) == 1
     _, primary = cluster.pg("primary")
@@ -233,26 +219,13 @@ async def _standby_frozen(
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
-        stuck = _updates(range(2, 3), range(7, 8), f"{s.run}-stuck")
+        stuck = updates(range(2, 3), range(7, 8), f"{s.run}-stuck")
         await s.send(stuck)
         await _until_waiting_for_the_standby(primary["port"])
         yield warm, stuck
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
-
-
-async def _answered_once(
-    cluster: ClusterStack, s: Scenario, requests: list[dict[str, Any]]
-) -> None:
-    """Every request answered once and applied once; the workers still running."""
-    replies = await s.replies(expect=len(requests), timeout=240)
-    conn = await asyncpg.connect(cluster.database_url)
-    try:
-        await check_exactly_once(conn, s.schema, replies, requests)
-    finally:
-        await conn.close()
-    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
 
 
 async def _answered_ids(s: Scenario, expect: int, seconds: float) -> list[str]:
@@ -281,7 +254,7 @@ async def test_a_commit_the_standby_never_got_is_not_answered_and_is_applied_onc
     await asyncio.to_thread(cluster.run, "up")  # the old primary, rebuilt as the standby
     assert cluster.pg("primary")[0] == standby_name
     assert cluster.pg("standby")[0] == primary_name
-    await _answered_once(cluster, s, warm + stuck)
+    await answered_once(s, warm + stuck)
 
 
 async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_is_not_answered(
@@ -298,7 +271,7 @@ async def test_a_commit_waiting_longer_than_the_command_timeout_for_the_standby_
         # past the command timeout: only the warm-up's reply
         answered = await _answered_ids(s, expect=2, seconds=75)
     assert answered == [warm[0]["request_id"]], "answered while on the primary alone"
-    await _answered_once(cluster, s, warm + stuck)
+    await answered_once(s, warm + stuck)
 
 
 async def _until_waiting_for_the_standby(port: int) -> None:
@@ -337,7 +310,7 @@ async def test_a_worker_keeps_answering_through_a_leader_change_of_its_input_and
     moved_in = [p for p, b in enumerate(leaders[s.request_topic]) if b == victim]
     moved_out = [p for p, b in enumerate(leaders[s.reply_topic]) if b == victim]
 
-    before = _updates(range(1, 21), range(0, 5), f"{s.run}-a")
+    before = updates(range(1, 21), range(0, 5), f"{s.run}-a")
     sender = asyncio.create_task(s.send(before, rate=200))
     await until(lambda: "partitions assigned" in s.logs(), "the worker's assignment", 120)
     await asyncio.to_thread(cluster.run, "stop", f"kafka-{victim}", "--immediate")
@@ -372,13 +345,7 @@ async def test_a_worker_keeps_answering_through_a_leader_change_of_its_input_and
     assert cluster.node(f"kafka-{victim}")["running"] is False
 
     await asyncio.to_thread(cluster.run, "up")
-    after = _updates(range(1, 21), range(6, 10), f"{s.run}-c")
+    after = updates(range(1, 21), range(6, 10), f"{s.run}-c")
     await s.send(after, rate=200)
-    everything = before + _updates(range(1, 21), range(5, 6), f"{s.run}-b") + after
-    replies = await s.replies(expect=len(everything), timeout=240)
-    conn = await asyncpg.connect(cluster.database_url)
-    try:
-        await check_exactly_once(conn, s.schema, replies, everything)
-    finally:
-        await conn.close()
-    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
+    everything = before + updates(range(1, 21), range(5, 6), f"{s.run}-b") + after
+    await answered_once(s, everything)

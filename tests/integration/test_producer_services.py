@@ -7,7 +7,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -26,17 +25,6 @@ from tests.integration.harness import DEAD, Scenario
 from tests.integration.test_client import until_answered
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-async def client(scenario: Scenario) -> AsyncIterator[Client]:
-    async with Client(
-        scenario.kafka,
-        request_topic=scenario.request_topic,
-        reply_topic=scenario.reply_topic,
-        timeout=60,
-    ) as c:
-        yield c
 
 
 @pytest.fixture

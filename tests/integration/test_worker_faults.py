@@ -22,7 +22,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from processor.kafka import clients as kafka
-from tests.integration.harness import Scenario, check_exactly_once, json_log_lines, updates
+from tests.integration.harness import Scenario, answered_once, json_log_lines, updates
 from tests.support import ROOT, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
@@ -68,16 +68,6 @@ async def scenario(stack_endpoints: Any, db_schema: str, tmp_path: Path) -> Asyn
     s.stop_all()
 
 
-async def _check(s: Scenario, requests: list[dict[str, Any]]) -> None:
-    replies = await s.replies(expect=len(requests), timeout=240)
-    conn = await asyncpg.connect(s.database_url)
-    try:
-        await check_exactly_once(conn, s.schema, replies, requests)
-    finally:
-        await conn.close()
-    assert all(w.poll() is None for w in s.workers), "the worker must survive:\n" + s.logs()
-
-
 async def test_postgres_immediate_stop_and_start_mid_stream_needs_no_operator(
     scenario: Scenario,
 ) -> None:
@@ -92,7 +82,7 @@ async def test_postgres_immediate_stop_and_start_mid_stream_needs_no_operator(
     await asyncio.sleep(2.0)
     await asyncio.to_thread(_stack, "up")
     await sender
-    await _check(scenario, requests)
+    await answered_once(scenario, requests)
 
 
 async def test_kafka_broker_kill_and_restart_mid_stream_needs_no_operator(
@@ -108,7 +98,7 @@ async def test_kafka_broker_kill_and_restart_mid_stream_needs_no_operator(
     await asyncio.sleep(2.0)
     await asyncio.to_thread(_stack, "up")
     await scenario.send(requests[len(requests) // 2 :], rate=400)
-    await _check(scenario, requests)
+    await answered_once(scenario, requests)
     # aiokafka's retries while the broker was away: JSON lines too, none above info
     lines = json_log_lines(scenario.tmp / "worker-0.log")
     assert all(line["level"] == "info" for line in lines if line.get("client_event"))

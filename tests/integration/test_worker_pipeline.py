@@ -105,6 +105,30 @@ async def running(
         gc.collect()
 
 
+class FailFirst:
+    """A commit hook: the first ``times`` commits fail as if the broker were unreachable
+    (after ``pause`` seconds), the next ones go through."""
+
+    def __init__(self, times: int, *, pause: float = 0.0) -> None:
+        self.times = times
+        self.pause = pause
+        self.failures = 0
+
+    def __call__(self, commit: Commit) -> Commit:
+        async def failing(
+            records: Sequence[OutRecord],
+            offsets: Mapping[TopicPartition, int],
+            group: kip447.GroupMetadata,
+        ) -> None:
+            if self.failures < self.times:
+                self.failures += 1
+                await asyncio.sleep(self.pause)
+                raise KafkaConnectionError("injected: broker unreachable")
+            await commit(records, offsets, group)
+
+        return failing
+
+
 def sample(worker: Worker, name: str) -> float:
     """A metric's value, summed over its labels."""
     return sum(
@@ -124,29 +148,14 @@ async def test_a_batch_whose_commit_fails_is_rewound_and_no_reply_is_lost_or_dou
     once and in per-row order."""
     await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 40)")
     requests = updates(range(1, 41), 30, scenario.run)
-    failures = 0
-
-    def flaky(commit: Commit) -> Commit:
-        async def failing(
-            records: Sequence[OutRecord],
-            offsets: Mapping[TopicPartition, int],
-            group: kip447.GroupMetadata,
-        ) -> None:
-            nonlocal failures
-            if failures < 3:
-                failures += 1
-                await asyncio.sleep(0.2)  # long enough for the next batch to be prepared
-                raise KafkaConnectionError("injected: broker unreachable")
-            await commit(records, offsets, group)
-
-        return failing
+    flaky = FailFirst(3, pause=0.2)  # long enough for the next batch to be prepared
 
     async with running(scenario, commit_retry_seconds=0.0) as (worker, wrapped):
         wrapped.commit_hook = flaky
         await scenario.send(requests)
         replies = await scenario.replies(expect=len(requests))
         replayed = sample(worker, "processor_replayed_requests_total")
-    assert failures == 3
+    assert flaky.failures == 3
     assert replayed > 0, "the failed batches were not redone from the ledger"
     await check_exactly_once(pg, scenario.schema, replies, requests)
 
@@ -158,21 +167,7 @@ async def test_a_commit_that_fails_twice_is_retried_with_a_new_producer_and_land
     same records in a new transaction): nothing is read again, nothing answered twice."""
     await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) SELECT generate_series(1, 10)")
     requests = updates(range(1, 11), 10, scenario.run)
-    failures = 0
-
-    def flaky(commit: Commit) -> Commit:
-        async def failing(
-            records: Sequence[OutRecord],
-            offsets: Mapping[TopicPartition, int],
-            group: kip447.GroupMetadata,
-        ) -> None:
-            nonlocal failures
-            if failures < 2:
-                failures += 1
-                raise KafkaConnectionError("injected: broker unreachable")
-            await commit(records, offsets, group)
-
-        return failing
+    flaky = FailFirst(2)
 
     async with running(scenario) as (worker, wrapped):
         wrapped.commit_hook = flaky
@@ -182,7 +177,7 @@ async def test_a_commit_that_fails_twice_is_retried_with_a_new_producer_and_land
             "processor_retries_total", {"cause": "kafka"}
         )
         replayed = sample(worker, "processor_replayed_requests_total")
-    assert failures == 2
+    assert flaky.failures == 2
     assert retries == 2
     assert replayed == 0
     await check_exactly_once(pg, scenario.schema, replies, requests)

@@ -16,7 +16,9 @@ from processor.audit import (
     Write,
     read_reply,
 )
-from processor.chaos import (
+from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
+from processor.errors import InvalidArgument, UnexpectedError
+from processor.tools.chaos_check import (
     ALL_ANOMALIES,
     COUNTER_MISMATCH,
     DELETE_MISMATCH,
@@ -29,8 +31,6 @@ from processor.chaos import (
     judge,
     model_anomalies,
 )
-from processor.contract import DeadLetter, FaultDetail, Reply, encode_reply
-from processor.errors import InvalidArgument, UnexpectedError
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TOPIC = "requests"

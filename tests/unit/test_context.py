@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import pytest
@@ -83,27 +83,28 @@ class Rows:
                     request_index=i,
                 )
             )
-        return Reply(
-            request_id=request.request_id,
-            type=request.__struct_config__.tag,  # type: ignore[arg-type]
-            entity=None,
-            id=None,
-            status="success",
-            processed_at=NOW,
-            responses=responses,
-        )
+        return _batch_reply(request, "success", responses=responses)
 
 
 def _fault(request: Request, index: int, fault: dict[str, Any]) -> Reply:
+    return _batch_reply(
+        request,
+        "fault",
+        fault=msgspec.convert(fault, FaultDetail),
+        faulted_request_index=index,
+    )
+
+
+def _batch_reply(request: Request, status: Literal["success", "fault"], **fields: Any) -> Reply:
+    """The reply to an execute request (no entity or id of its own)."""
     return Reply(
         request_id=request.request_id,
         type=request.__struct_config__.tag,  # type: ignore[arg-type]
         entity=None,
         id=None,
-        status="fault",
+        status=status,
         processed_at=NOW,
-        fault=msgspec.convert(fault, FaultDetail),
-        faulted_request_index=index,
+        **fields,
     )
 
 

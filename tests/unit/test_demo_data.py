@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 import processor
-from processor.demo import DEFAULT_REGISTRY
+from processor.tools.demo import DEFAULT_REGISTRY
 from tests.support import ROOT
 
 

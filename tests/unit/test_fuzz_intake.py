@@ -50,7 +50,7 @@ from processor.contract import (
 )
 from processor.engine.envelope import Envelope, Outcome, Source
 from processor.errors import FAULT_TYPES, InvalidArgument, RequestTooLarge
-from processor.schemas import DEFAULT_DIR
+from processor.tools.schemas import DEFAULT_DIR
 from processor.worker.intake import (
     DEAD_LETTER_PREFIX,
     OutRecord,

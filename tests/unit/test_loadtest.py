@@ -275,10 +275,3 @@ def test_the_plot_reads_in_milliseconds_and_leaves_the_drain_out_of_the_throughp
         if line.get_label() in ("operations/s", "requests/s"):
             assert max(xs) < 2.0  # the drain bucket (2.0-2.3 s, 5 ops) is not a point
             assert list(line.get_ydata()) == [100.0, 100.0]
-
-
-def test_the_old_import_path_serves_the_same_names() -> None:
-    import processor.loadtest as old
-
-    assert old.__all__ == lt.__all__
-    assert all(getattr(old, name) is getattr(lt, name) for name in lt.__all__)

@@ -20,7 +20,7 @@ from processor.contract import (
     encode_reply,
 )
 from processor.errors import FAULT_TYPES, InvalidArgument
-from processor.schemas import DEFAULT_DIR, generate, main
+from processor.tools.schemas import DEFAULT_DIR, generate, main
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -132,14 +132,14 @@ def request_schema(files: dict[str, str]) -> Any:
 
 
 def test_committed_files_equal_the_generated_ones(files: dict[str, str]) -> None:
-    """schemas/ is what `python -m processor.schemas` writes: edit the code, not the files."""
+    """schemas/ is what `processor schemas` writes: edit the code, not the files."""
     drifted = [
         name
         for name, content in files.items()
         if not (DEFAULT_DIR / name).exists()
         or (DEFAULT_DIR / name).read_text(encoding="utf-8") != content
     ]
-    assert drifted == [], f"run `python -m processor.schemas`; drifted: {drifted}"
+    assert drifted == [], f"run `processor schemas`; drifted: {drifted}"
 
 
 def test_generate_is_deterministic_sorted_and_newline_terminated(files: dict[str, str]) -> None:

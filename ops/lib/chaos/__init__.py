@@ -25,9 +25,10 @@ so it never touches the shared ``.stack/``.
 4. The quiet period: the load stops, everything is healed, and the run waits until the
    group has consumed the whole request topic and no transaction is open on the reply and
    dead-letter topics (last stable offset = high watermark), then stops the workers.
-5. The checker (:mod:`processor.chaos`): the audit over everything (:mod:`processor.audit`)
-   plus the model checks; anomalies by name, figures, a JSON file. Exit status: 0 clean,
-   1 any anomaly, 2 bad arguments or a stack/setup failure (the message says which).
+5. The checker (:mod:`processor.tools.chaos_check`): the audit over everything
+   (:mod:`processor.audit`) plus the model checks; anomalies by name, figures, a JSON
+   file. Exit status: 0 clean, 1 any anomaly, 2 bad arguments or a stack/setup failure
+   (the message says which).
 
 Recovery time of a fault: from its heal (the restart returned, SIGCONT, the proxy healed,
 the worker started or signalled) until every partition of the request topic has delivered

@@ -11,12 +11,12 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from ops.lib.chaos.config import Config
-from processor.chaos import (
+from processor.config import Settings
+from processor.kafka import clients as kafka
+from processor.tools.chaos_check import (
     ClientHistory,
     Observed,
 )
-from processor.config import Settings
-from processor.kafka import clients as kafka
 
 
 async def _ends(bootstrap: str, topic: str, partitions: int, isolation: str) -> dict[int, int]:

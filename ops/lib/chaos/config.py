@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Final
 
 from ops.lib.common import progress
-from processor.chaos import (
-    CLUSTER_FAULT_KINDS,
-    FAULT_KINDS,
-)
 from processor.errors import (
     ConcurrencyVersionMismatch,
+)
+from processor.tools.chaos_check import (
+    CLUSTER_FAULT_KINDS,
+    FAULT_KINDS,
 )
 
 #: The short form's order: every kind once, the slow ones spread out.

@@ -17,10 +17,6 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from ops.lib.chaos.config import MAX_MESSAGE_BYTES, MISMATCH, POISON, Config
-from processor.chaos import (
-    ClientHistory,
-    Hostile,
-)
 from processor.client import Client, new_request_id
 from processor.contract import (
     DeleteRequest,
@@ -39,6 +35,10 @@ from processor.errors import (
     ReplyTimeout,
     RequestTooLarge,
     TransientError,
+)
+from processor.tools.chaos_check import (
+    ClientHistory,
+    Hostile,
 )
 from processor.tools.stats import zipf_weights
 

@@ -15,7 +15,7 @@ from ops.lib.chaos.load import Load
 from ops.lib.chaos.private_stack import PrivateStack
 from ops.lib.chaos.proxy import Proxy
 from processor.audit import ANOMALIES, AuditReport
-from processor.chaos import (
+from processor.tools.chaos_check import (
     ALL_ANOMALIES,
     ClientHistory,
     Observed,

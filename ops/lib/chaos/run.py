@@ -18,18 +18,18 @@ from ops.lib.chaos.proxy import Proxy
 from ops.lib.chaos.report import summarize
 from ops.lib.chaos.workers import Workers
 from processor.audit import AuditOptions, AuditReport, run_audit
-from processor.chaos import (
-    ClientHistory,
-    judge,
-    model_anomalies,
-)
 from processor.client import Client
 from processor.config import Settings
-from processor.demo import DEFAULT_REGISTRY, install_demo
 from processor.errors import (
     ProcessorError,
 )
 from processor.kafka import clients as kafka
+from processor.tools.chaos_check import (
+    ClientHistory,
+    judge,
+    model_anomalies,
+)
+from processor.tools.demo import DEFAULT_REGISTRY, install_demo
 from processor.tools.workers import wait_ready as workers_ready
 
 

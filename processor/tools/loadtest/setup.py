@@ -31,7 +31,7 @@ from processor.tools.workers import settings_env
 async def prepare(settings: Settings, opts: LoadOptions) -> tuple[Settings, Entity]:
     """Tables, ledger and topics (idempotent); the validated counter entity."""
     from processor.db.ledger import Ledger
-    from processor.demo import DEFAULT_REGISTRY, install_demo
+    from processor.tools.demo import DEFAULT_REGISTRY, install_demo
 
     settings.require("database_url", "kafka_bootstrap_servers")
     assert settings.database_url is not None

@@ -1,7 +1,7 @@
 """``processor demo``: the product end to end on whatever stack the settings point at.
 
 Creates the demo tables (``schema.sql``) and registry (``entities.toml``), package data in
-``processor/tools/demo_data/``,
+``demo_data/`` next to this module,
 the ledger and the topics; starts a worker in this process; sends a mix of requests (every
 success and fault kind, a malformed message, a resend, a conflicting race) and prints
 the replies as they arrive.
@@ -31,7 +31,7 @@ from processor.log import configure_logging
 __all__ = ["DEFAULT_REGISTRY", "install_demo", "run_demo"]
 
 #: The demo's registry and, next to it, its schema.sql: package data, in a wheel too.
-DEFAULT_REGISTRY = Path(__file__).resolve().parent / "tools" / "demo_data" / "entities.toml"
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "demo_data" / "entities.toml"
 
 
 async def install_demo(settings: Settings) -> Path:

@@ -1,4 +1,4 @@
-"""Generate the published contract in ``schemas/`` from the code (``python -m processor.schemas``).
+"""Generate the published contract in ``schemas/`` from the code (``processor schemas``).
 
 Files, all derived from :mod:`processor.contract`, :mod:`processor.errors` and the default
 topic names in :class:`processor.config.Settings`:
@@ -48,7 +48,7 @@ from processor.errors import FAULT_TYPES
 __all__ = ["DEFAULT_DIR", "generate", "main"]
 
 #: ``schemas/`` at the repository root (next to the ``processor`` package).
-DEFAULT_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
 
 _DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 #: Processor-specific fault codes live in this block, which Dataverse does not use.
@@ -243,8 +243,7 @@ def _faults_markdown() -> str:
     lines = [
         "# Fault codes",
         "",
-        "Generated from `processor.errors.FAULT_TYPES` by `python -m processor.schemas`;"
-        " do not edit.",
+        "Generated from `processor.errors.FAULT_TYPES` by `processor schemas`; do not edit.",
         "",
         "A fault reply carries `fault.code`, `fault.name`, `fault.message` and"
         " `fault.retryable`, and where it applies `fault.path` (e.g. `related[1]`,"
@@ -492,7 +491,7 @@ def _package_version() -> str:
 
     The checkout wins so that the output does not depend on how the package is installed.
     """
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
         with pyproject.open("rb") as f:
             return str(tomllib.load(f)["project"]["version"])
@@ -548,7 +547,7 @@ def drifted(directory: Path = DEFAULT_DIR) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m processor.schemas", description="Generate schemas/ from the code."
+        prog="processor schemas", description="Generate schemas/ from the code."
     )
     parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 listing files that drifted"
@@ -559,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         stale = drifted(directory)
         for name in stale:
-            print(f"{directory / name}: out of date; run `python -m processor.schemas`")
+            print(f"{directory / name}: out of date; run `processor schemas`")
         return 1 if stale else 0
     directory.mkdir(parents=True, exist_ok=True)
     for name, content in generate().items():
