@@ -171,6 +171,23 @@ async def _chains(
     progress.done("version chains (writes)", done)
 
 
+def _history_entry(row: asyncpg.Record, auditor: Auditor) -> dict[str, Any]:
+    """One ledger row as an entry of a record's history (before its prior and new values)."""
+    rid = row["request_id"]
+    return {
+        "at": row["processed_at"].isoformat(),
+        "request_id": rid,
+        "type": row["type"],
+        "outcome": row["status"]
+        if row["status"] == "success"
+        else f"fault {fault_name(row['fault_code'])}",
+        "source": None
+        if row["source_partition"] is None
+        else f"{row['source_partition']}:{row['source_offset']}",
+        "replies": len(auditor.replies.get(rid, [])) if rid in auditor.by_id else None,
+    }
+
+
 async def _history(
     conn: asyncpg.Connection[Any], table: str, auditor: Auditor, options: AuditOptions
 ) -> list[dict[str, Any]]:
@@ -197,19 +214,7 @@ async def _history(
     ledgered: set[str] = set()
     for row in rows:
         ledgered.add(row["request_id"])
-        rid = row["request_id"]
-        base: dict[str, Any] = {
-            "at": row["processed_at"].isoformat(),
-            "request_id": row["request_id"],
-            "type": row["type"],
-            "outcome": row["status"]
-            if row["status"] == "success"
-            else f"fault {fault_name(row['fault_code'])}",
-            "source": None
-            if row["source_partition"] is None
-            else f"{row['source_partition']}:{row['source_offset']}",
-            "replies": len(auditor.replies.get(rid, [])) if rid in auditor.by_id else None,
-        }
+        base = _history_entry(row, auditor)
         touched = False
         for w in msgspec.json.decode(row["writes"]) if row["writes"] else []:
             if not isinstance(w, dict):
