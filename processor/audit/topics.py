@@ -63,14 +63,6 @@ async def _read_topic(
         await asyncio.wait_for(consumer.stop(), kafka.CALL_TIMEOUT)
 
 
-async def _group_offsets(
-    admin: Any, group: str, topic: str, partitions: list[int]
-) -> dict[int, int]:
-    tps = [TopicPartition(topic, p) for p in partitions]
-    found = await call(admin.list_consumer_group_offsets(group, partitions=tps))
-    return {tp.partition: meta.offset for tp, meta in found.items() if meta.offset >= 0}
-
-
 def epoch_ms(moment: datetime) -> int:
     return max(0, int(moment.timestamp() * 1000))
 
@@ -121,7 +113,7 @@ class _Topics:
         s, o = self.settings, self.options
         for group in dict.fromkeys((s.group_id, *o.replayed_groups)):
             try:
-                self.groups[group] = await _group_offsets(
+                self.groups[group] = await kafka.group_offsets(
                     admin, group, s.request_topic, self.req_parts
                 )
             except Exception as exc:  # an unknown group only loses detail

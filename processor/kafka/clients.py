@@ -33,6 +33,7 @@ __all__ = [
     "ensure_topics",
     "explain_unreachable",
     "find_problem",
+    "group_offsets",
     "is_transient",
     "make_consumer",
     "make_producer",
@@ -189,6 +190,16 @@ async def offsets(
     call = consumer.end_offsets(tps) if end else consumer.beginning_offsets(tps)
     found = await asyncio.wait_for(call, CALL_TIMEOUT)
     return {tp.partition: offset for tp, offset in found.items()}
+
+
+async def group_offsets(
+    admin: AIOKafkaAdminClient, group: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """The offsets ``group`` committed on ``topic``'s ``partitions`` (those it committed)."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    call = admin.list_consumer_group_offsets(group, partitions=tps)
+    found = await asyncio.wait_for(call, CALL_TIMEOUT)
+    return {tp.partition: meta.offset for tp, meta in found.items() if meta.offset >= 0}
 
 
 def admin_client(access: KafkaAccess) -> AIOKafkaAdminClient:

@@ -41,14 +41,11 @@ async def quiet(settings: Settings, partitions: int, limit: float) -> tuple[bool
             admin = kafka.admin_client(kafka.KafkaAccess(bootstrap))
             await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
             try:
-                tps = [TopicPartition(settings.request_topic, p) for p in range(partitions)]
-                found = await asyncio.wait_for(
-                    admin.list_consumer_group_offsets(settings.group_id, partitions=tps),
-                    kafka.CALL_TIMEOUT,
+                committed = await kafka.group_offsets(
+                    admin, settings.group_id, settings.request_topic, range(partitions)
                 )
             finally:
                 await admin.close()
-            committed = {tp.partition: meta.offset for tp, meta in found.items()}
             request_end = await _ends(
                 bootstrap, settings.request_topic, partitions, "read_uncommitted"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -18,6 +19,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from processor.client import Client
 from processor.config import Settings
@@ -118,6 +120,53 @@ def _count(value: Any) -> str:
 BeforeCheck = Callable[[asyncpg.Connection, Entity], Awaitable[None]]
 
 
+#: How long the check waits for the worker group to consume the last requests sent.
+CONSUMED_SECONDS = 60.0
+
+
+async def _wait_consumed(settings: Settings, limit: float) -> None:
+    """Until the worker group has committed past every record on the request topic.
+
+    An operation settles on its first reply; a resend of it still in flight then is
+    answered afterwards, and an audit reading the topics before that reports its record
+    as unanswered. Past ``limit`` the check goes on and the audit says what is missing.
+    """
+    access, topic = settings.kafka_access(), settings.request_topic
+    deadline = time.monotonic() + limit
+    consumer = kafka.make_consumer(access, None)
+    admin = kafka.admin_client(access)
+    why = ""
+    try:
+        await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
+        await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
+        partitions = sorted(await asyncio.wait_for(_partitions(consumer, topic), 30))
+        end = await kafka.offsets(consumer, topic, partitions, end=True)
+        while time.monotonic() < deadline:
+            done = await kafka.group_offsets(admin, settings.group_id, topic, partitions)
+            behind = sum(max(0, end[p] - done.get(p, 0)) for p in partitions)
+            if not behind:
+                return
+            why = f"still {behind} request(s) behind after {limit:g} s"
+            await asyncio.sleep(0.2)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        why = f"its offsets could not be read ({exc!r})"
+    finally:
+        for closing in (admin.close(), consumer.stop()):
+            with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                await asyncio.wait_for(closing, kafka.CALL_TIMEOUT)
+    print(
+        f"loadtest: group {settings.group_id}: {why}; the audit reports what is unanswered",
+        file=sys.stderr,
+    )
+
+
+async def _partitions(consumer: Any, topic: str) -> set[int]:
+    """The topic's partitions, once the consumer's metadata has them."""
+    while not (found := consumer.partitions_for_topic(topic)):
+        await consumer.topics()  # a metadata request
+    return set(found)
+
+
 async def run_loadtest(
     settings: Settings, opts: LoadOptions, *, before_check: BeforeCheck | None = None
 ) -> dict[str, Any]:
@@ -183,6 +232,7 @@ async def _run(
         since = now.replace(microsecond=now.microsecond // 1000 * 1000)
         elapsed = await _drive(run, opts)
         start = dict(client.start_positions)
+    await _wait_consumed(settings, CONSUMED_SECONDS)
     invariants = await _check(settings, run, entity, start, before_check)
     audit = await run_audit_hook(settings, since, datetime.now(UTC))
     invariants.append(
