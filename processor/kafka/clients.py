@@ -9,6 +9,7 @@ options (TLS, SASL), so that no client can forget those either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -400,6 +401,10 @@ async def _answers(host: str, port: int, *, tls: bool) -> bool:
         context.verify_mode = ssl.CERT_NONE  # a probe: nothing is sent over it
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=context), 10)
         writer.close()
+        # A TLS transport closes over a few loop turns (close_notify): unawaited, a caller
+        # whose event loop ends first leaves the socket to the garbage collector.
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
         return True
     except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
         return False
