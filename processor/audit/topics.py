@@ -29,13 +29,6 @@ async def call(awaitable: Any) -> Any:
     return await asyncio.wait_for(awaitable, kafka.CALL_TIMEOUT)
 
 
-async def _partitions(admin: Any, topic: str) -> list[int] | None:
-    (described,) = await call(admin.describe_topics([topic]))
-    if described["error_code"] != 0 or not described["partitions"]:
-        return None
-    return sorted(p["partition"] for p in described["partitions"])
-
-
 async def _read_topic(
     bootstrap: kafka.KafkaAccess,
     topic: str,
@@ -189,7 +182,7 @@ async def read_topics(
     }
     parts: dict[str, list[int]] = {}
     for what, topic in topics.items():
-        found = await _partitions(admin, topic)
+        found = await kafka.topic_partitions(admin, topic)
         if found is None:
             raise ConfigError(f"the {what} topic {topic!r} does not exist")
         parts[topic] = found
@@ -254,7 +247,7 @@ async def _read_answers(
     reply_topics = [s.reply_topic]
     if seen.options.reply_to_topics:
         for topic in sorted(auditor.reply_to_topics() - audited):
-            found = await _partitions(admin, topic)
+            found = await kafka.topic_partitions(admin, topic)
             if found is None:
                 continue  # the worker answered on the default topic (InvalidArgument)
             reply_topics.append(topic)

@@ -40,6 +40,7 @@ __all__ = [
     "make_producer",
     "offsets",
     "read_spans",
+    "topic_partitions",
     "transactional_id",
 ]
 
@@ -191,6 +192,14 @@ async def offsets(
     call = consumer.end_offsets(tps) if end else consumer.beginning_offsets(tps)
     found = await asyncio.wait_for(call, CALL_TIMEOUT)
     return {tp.partition: offset for tp, offset in found.items()}
+
+
+async def topic_partitions(admin: AIOKafkaAdminClient, topic: str) -> list[int] | None:
+    """``topic``'s partitions, in order; None if the broker does not know the topic."""
+    (described,) = await asyncio.wait_for(admin.describe_topics([topic]), CALL_TIMEOUT)
+    if described["error_code"] != 0 or not described["partitions"]:
+        return None
+    return sorted(p["partition"] for p in described["partitions"])
 
 
 async def group_offsets(

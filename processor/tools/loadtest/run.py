@@ -139,7 +139,7 @@ async def _wait_consumed(settings: Settings, limit: float) -> None:
     try:
         await asyncio.wait_for(consumer.start(), kafka.CALL_TIMEOUT)
         await asyncio.wait_for(admin.start(), kafka.CALL_TIMEOUT)
-        partitions = sorted(await asyncio.wait_for(_partitions(consumer, topic), 30))
+        partitions = await kafka.topic_partitions(admin, topic) or []
         end = await kafka.offsets(consumer, topic, partitions, end=True)
         while time.monotonic() < deadline:
             done = await kafka.group_offsets(admin, settings.group_id, topic, partitions)
@@ -158,13 +158,6 @@ async def _wait_consumed(settings: Settings, limit: float) -> None:
         f"loadtest: group {settings.group_id}: {why}; the audit reports what is unanswered",
         file=sys.stderr,
     )
-
-
-async def _partitions(consumer: Any, topic: str) -> set[int]:
-    """The topic's partitions, once the consumer's metadata has them."""
-    while not (found := consumer.partitions_for_topic(topic)):
-        await consumer.topics()  # a metadata request
-    return set(found)
 
 
 async def run_loadtest(
