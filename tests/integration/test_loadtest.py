@@ -13,7 +13,8 @@ import pytest
 from processor.config import Settings
 from processor.db.registry import Entity, quote
 from processor.tools.loadtest import LoadOptions, run_loadtest, summary, write_plot
-from tests.integration.harness import Scenario
+from processor.tools.loadtest.run import _wait_consumed
+from tests.integration.harness import Scenario, updates
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -146,3 +147,21 @@ async def test_timeouts_are_settled_by_resending_the_same_request(scenario: Scen
     assert result["requests"] > result["request_ids"], "some requests were resent"
     assert any("timeout" in k for k in outcomes), outcomes
     assert not any("unsettled" in k or "ACCEPTED" in k for k in outcomes), outcomes
+
+
+async def test_the_check_waits_for_the_group_to_consume_the_last_requests(
+    scenario: Scenario, pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests the worker group has not consumed yet: the wait gives up after its limit
+    and says how many; with a worker it returns once the group's committed offsets reach
+    the topic's end, every request answered (an audit after it finds no reply missing)."""
+    await pg.execute(f"INSERT INTO {scenario.schema}.acct (id) VALUES (1), (2)")
+    sent = await scenario.send(updates([1, 2], 10, scenario.run))
+    settings = Settings.from_env(scenario.env())
+    await _wait_consumed(settings, 1.0)
+    assert f"still {sent} request(s) behind" in capsys.readouterr().err
+    scenario.start_worker()
+    await _wait_consumed(settings, 120.0)
+    assert "behind" not in capsys.readouterr().err
+    replies = await scenario.replies(expect=sent, timeout=5)
+    assert len({r.request_id for r in replies}) == sent
